@@ -1,0 +1,40 @@
+# Two commands matter (see README): `make run` (demo workflow) and `make test` (the test suite).
+# Both build the project venv from the pinned lock first.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+CORES ?= all
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: setup run test test-fast lint format lock report clean
+
+$(VENV)/.installed: requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet --requirement requirements.lock
+	touch $@
+
+setup: $(VENV)/.installed
+
+run: setup
+	$(BIN)/snakemake --cores $(CORES)
+	$(BIN)/snakemake --cores 1 --report results/report.zip
+
+test: setup
+	$(BIN)/python -m pytest -q -n 2 --durations=15 tests
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow and not slurm" tests
+
+lint: setup
+	$(BIN)/snakemake --lint --cores 1
+	$(BIN)/snakefmt --check Snakefile rules
+
+format: setup
+	$(BIN)/snakefmt Snakefile rules
+
+lock: setup
+	$(BIN)/pip freeze --exclude-editable > requirements.lock
+
+clean:
+	rm -rf results logs benchmarks .snakemake

@@ -1,0 +1,37 @@
+"""Two-stage weak-label segmentation of abdominal CT (organs + pan-cancer lesions).
+
+Stages: demo data -> QC -> label statistics -> split -> nnU-Net teacher -> TTA pseudo-labels -> label merging
+-> student retraining -> evaluation and report. See README.md and ../shared/DESIGN.md.
+"""
+
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+validate(config, schema="config/schema.yaml")
+
+
+include: "rules/common.smk"
+include: "rules/demo.smk"
+include: "rules/qc.smk"
+include: "rules/stats.smk"
+include: "rules/split.smk"
+include: "rules/teacher.smk"
+include: "rules/pseudo.smk"
+include: "rules/merge.smk"
+include: "rules/student.smk"
+include: "rules/evaluation.smk"
+include: "rules/report.smk"
+
+
+report: "report/workflow.rst"
+
+
+rule all:
+    default_target: True
+    input:
+        all_targets(),

@@ -1,0 +1,106 @@
+"""Helpers shared by every rule file: config derived values, case discovery and artifact paths."""
+
+import os
+import sys
+
+import pandas as pd
+
+sys.path.insert(0, workflow.basedir)
+
+from workflow_scripts.demo_plan import plan as demo_plan
+from workflow_scripts.layout import demo_layout, discover_cases
+
+RESULTS = config["results"]
+LABELS = {entry["id"]: entry for entry in config["labels"]}
+ORGANS = [i for i, entry in LABELS.items() if entry["kind"] == "organ"]
+LESIONS = [i for i, entry in LABELS.items() if entry["kind"] == "lesion"]
+# Every script runs as `python -m workflow_scripts.<module>` with the workflow folder on the path, so rules work
+# from any working directory and inside conda environments alike.
+PY = f"PYTHONPATH={workflow.basedir}${{PYTHONPATH:+:$PYTHONPATH}} python -m workflow_scripts"
+
+
+def res(*parts):
+    """Path of an artifact under the configured results folder."""
+    return os.path.join(RESULTS, *parts)
+
+
+def log_path(rule_name, wildcards_part="all"):
+    return os.path.join("logs", rule_name, f"{wildcards_part}.log")
+
+
+def bench_path(rule_name, wildcards_part="all"):
+    return os.path.join("benchmarks", rule_name, f"{wildcards_part}.tsv")
+
+
+if config["demo"]["enabled"]:
+    DATA = demo_layout(RESULTS)
+    DEMO_PLAN = demo_plan(config["demo"])
+    TRAIN = {
+        case: {
+            "image": os.path.join(DATA["images"], case + DATA["image_suffix"]),
+            "label": (
+                None
+                if kind == "unlabeled"
+                else os.path.join(DATA["labels"], case + DATA["label_suffix"])
+            ),
+        }
+        for case, kind in DEMO_PLAN.train.items()
+    }
+    TEST = {
+        case: {
+            "image": os.path.join(DATA["test_images"], case + DATA["image_suffix"]),
+            "label": os.path.join(DATA["test_labels"], case + DATA["label_suffix"]),
+        }
+        for case in DEMO_PLAN.test
+    }
+else:
+    DATA = config["data"]
+    TRAIN = {
+        c.case: {"image": c.image, "label": c.label}
+        for c in discover_cases(
+            DATA["images"], DATA["labels"], DATA["image_suffix"], DATA["label_suffix"]
+        )
+    }
+    TEST = {
+        c.case: {"image": c.image, "label": c.label}
+        for c in discover_cases(
+            DATA["test_images"],
+            DATA["test_labels"],
+            DATA["image_suffix"],
+            DATA["label_suffix"],
+        )
+    }
+
+wildcard_constraints:
+    case="[A-Za-z0-9][A-Za-z0-9._-]*",
+    experiment="[A-Za-z0-9_]+",
+
+
+def train_image(wildcards):
+    return TRAIN[wildcards.case]["image"]
+
+
+def train_label(wildcards):
+    """The case's label file, or nothing for an unlabeled case."""
+    label = TRAIN[wildcards.case]["label"]
+    return [] if label is None else label
+
+
+def accepted_cases():
+    """Training cases that passed QC (all of them unless qc.on_error is skip)."""
+    table = pd.read_csv(checkpoints.qc_summary.get().output.accepted, sep="\t")
+    return list(table["case"])
+
+
+def cases_by_category(*categories):
+    """Accepted training cases of the given split categories (strong / weak / unlabeled), in split order."""
+    table = pd.read_csv(checkpoints.split.get().output.split, sep="\t")
+    return list(table.loc[table["category"].isin(categories), "case"])
+
+
+def all_targets():
+    """Everything `snakemake` builds by default; each stage's rule file adds its final artifacts."""
+    return [target for stage_targets in TARGETS.values() for target in stage_targets]
+
+
+TARGETS = {}
