@@ -104,3 +104,37 @@ def all_targets():
 
 
 TARGETS = {}
+
+
+def test_shards(shard_size):
+    """Test cases in fixed shards: a prediction job loads its model once and writes one file per case."""
+    cases = sorted(TEST)
+    return {
+        f"{start // shard_size:04d}": cases[start : start + shard_size]
+        for start in range(0, len(cases), shard_size)
+    }
+
+
+def prediction_dir(experiment):
+    """Test-set predictions of an experiment: the teacher's own, or a student's."""
+    if experiment == "teacher":
+        return res("teacher", "pred")
+    return res("student", experiment, "pred")
+
+
+def shard_size_of(experiment):
+    return config["pseudo" if experiment == "teacher" else "student"]["shard_size"]
+
+
+def prediction_files(experiment):
+    """Per-case predictions of an experiment on the test set."""
+    return [os.path.join(prediction_dir(experiment), f"{case}.nii.gz") for case in sorted(TEST)]
+
+
+def efficiency_tables(experiment):
+    """Per-shard efficiency tables written next to the predictions (columns: Name, Time, MaxGPU_Mem,
+    AUC_GPU_Time, ImageSize, MemoryKind)."""
+    return [
+        os.path.join(prediction_dir(experiment), "efficiency", f"{shard}.tsv")
+        for shard in test_shards(shard_size_of(experiment))
+    ]
