@@ -16,6 +16,13 @@ validate(config, schema="config/schema.yaml")
 
 
 include: "rules/common.smk"
+
+
+wildcard_constraints:
+    case="[A-Za-z0-9][A-Za-z0-9._-]*",
+    experiment="[A-Za-z0-9_]+",
+
+
 include: "rules/demo.smk"
 include: "rules/qc.smk"
 include: "rules/stats.smk"

@@ -1,4 +1,4 @@
-"""Helpers shared by every rule file: config derived values, case discovery and artifact paths."""
+"""Helpers shared by all stages (config derived values, case discovery, artifact paths)."""
 
 import os
 import sys
@@ -71,10 +71,6 @@ else:
         )
     }
 
-wildcard_constraints:
-    case="[A-Za-z0-9][A-Za-z0-9._-]*",
-    experiment="[A-Za-z0-9_]+",
-
 
 def train_image(wildcards):
     return TRAIN[wildcards.case]["image"]
@@ -128,7 +124,10 @@ def shard_size_of(experiment):
 
 def prediction_files(experiment):
     """Per-case predictions of an experiment on the test set."""
-    return [os.path.join(prediction_dir(experiment), f"{case}.nii.gz") for case in sorted(TEST)]
+    return [
+        os.path.join(prediction_dir(experiment), f"{case}.nii.gz")
+        for case in sorted(TEST)
+    ]
 
 
 def efficiency_tables(experiment):

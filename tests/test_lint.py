@@ -1,0 +1,60 @@
+"""The workflow passes Snakemake's linter and snakefmt, and every rule declares what a scheduler needs."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO, TINY_CONFIG
+
+
+def test_snakefmt_check() -> None:
+    files = [str(REPO / "Snakefile"), *sorted(str(p) for p in (REPO / "rules").glob("*.smk"))]
+    proc = subprocess.run([sys.executable, "-m", "snakefmt", "--check", *files], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_snakemake_lint_is_clean(tmp_path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+         "--configfile", str(TINY_CONFIG), "--lint", "json"],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    problems = [f"{rule['rule']}: {lint['title']}" for rule in report["rules"] for lint in rule["lints"]]
+    problems += [lint["title"] for lint in report["snakefile"]]
+    assert not problems, "\n".join(problems)
+
+
+def test_every_rule_declares_log_benchmark_and_resources(tmp_path) -> None:
+    """Parse the workflow and inspect each rule object, so a cluster can schedule every job."""
+    code = f"""
+import json, sys
+from pathlib import Path
+from snakemake.api import SnakemakeApi
+from snakemake.settings.types import ConfigSettings, ResourceSettings
+with SnakemakeApi() as api:
+    wf = api.workflow(resource_settings=ResourceSettings(), config_settings=ConfigSettings(configfiles=[Path({str(TINY_CONFIG)!r})]),
+                      snakefile=Path({str(REPO / 'Snakefile')!r}), workdir=Path({str(tmp_path)!r}))
+    out = {{}}
+    for rule in wf._workflow.rules:
+        if rule.name == "all":
+            continue
+        out[rule.name] = dict(log=bool(rule.log), benchmark=rule.benchmark is not None,
+                              resources=sorted(rule.resources))
+    print(json.dumps(out))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rules = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert rules, "no rules found"
+    missing = []
+    for name, info in rules.items():
+        for key in ("log", "benchmark"):
+            if not info[key]:
+                missing.append(f"{name}: no {key}")
+        for res in ("mem_mb", "runtime"):
+            if res not in info["resources"]:
+                missing.append(f"{name}: no resources.{res}")
+    assert not missing, "\n".join(missing)
