@@ -17,14 +17,11 @@ def test_snakefmt_check() -> None:
 def test_snakemake_lint_is_clean(tmp_path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
-         "--configfile", str(TINY_CONFIG), "--lint", "json"],
+         "--configfile", str(TINY_CONFIG), "--lint"],
         capture_output=True, text=True,
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = json.loads(proc.stdout)
-    problems = [f"{rule['rule']}: {lint['title']}" for rule in report["rules"] for lint in rule["lints"]]
-    problems += [lint["title"] for lint in report["snakefile"]]
-    assert not problems, "\n".join(problems)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "Congratulations" in output, output[-5000:]
 
 
 def test_every_rule_declares_log_benchmark_and_resources(tmp_path) -> None:
