@@ -1,1 +1,61 @@
-# Rules of the qc stage.
+# Ingest / QC: every training case is checked once; a bad one fails the run or, with qc.on_error=skip, is left
+# out of every later stage (listed in results/qc/rejected.tsv).
+
+import shlex
+
+
+def qc_label_arg(wildcards, input):
+    """The --label option of the QC CLI, empty for an unlabeled case."""
+    return f"--label {shlex.quote(input.label)}" if input.label else ""
+
+
+rule qc_case:
+    input:
+        image=train_image,
+        label=train_label,
+    output:
+        res("qc", "{case}.json"),
+    log:
+        log_path("qc_case", "{case}"),
+    benchmark:
+        bench_path("qc_case", "{case}")
+    threads: 1
+    resources:
+        mem_mb=config["qc"]["mem_mb"],
+        runtime=config["qc"]["runtime"],
+    params:
+        label=qc_label_arg,
+        label_map=LABEL_MAP_ARG,
+        on_error=config["qc"]["on_error"],
+        spacing_tolerance=config["qc"]["spacing_tolerance"],
+        origin_tolerance_mm=config["qc"]["origin_tolerance_mm"],
+        direction_tolerance=config["qc"]["direction_tolerance"],
+    shell:
+        "{PY}.qc case --case {wildcards.case} --image {input.image:q} {params.label}"
+        " --label-map {params.label_map} --on-error {params.on_error}"
+        " --spacing-tolerance {params.spacing_tolerance}"
+        " --origin-tolerance-mm {params.origin_tolerance_mm}"
+        " --direction-tolerance {params.direction_tolerance}"
+        " --output {output:q} > {log:q} 2>&1"
+
+
+checkpoint qc_summary:
+    input:
+        expand(res("qc", "{case}.json"), case=sorted(TRAIN)),
+    output:
+        accepted=res("qc", "accepted.tsv"),
+        rejected=res("qc", "rejected.tsv"),
+    log:
+        log_path("qc_summary"),
+    benchmark:
+        bench_path("qc_summary")
+    threads: 1
+    resources:
+        mem_mb=config["qc"]["mem_mb"],
+        runtime=config["qc"]["runtime"],
+    shell:
+        "{PY}.qc summary --accepted {output.accepted:q} --rejected {output.rejected:q}"
+        " {input:q} > {log:q} 2>&1"
+
+
+TARGETS["qc"] = [res("qc", "accepted.tsv"), res("qc", "rejected.tsv")]

@@ -1,1 +1,27 @@
-# Rules of the split stage.
+# Split: accepted cases become strong (every class of split.strong_requires annotated), weak or unlabeled.
+
+
+checkpoint split:
+    input:
+        accepted=res("qc", "accepted.tsv"),
+        label_stats=res("stats", "label_stats.tsv"),
+    output:
+        split=res("split", "split.tsv"),
+    log:
+        log_path("split"),
+    benchmark:
+        bench_path("split")
+    threads: 1
+    resources:
+        mem_mb=config["split"]["mem_mb"],
+        runtime=config["split"]["runtime"],
+    params:
+        strong_requires=config["split"]["strong_requires"],
+        label_map=LABEL_MAP_ARG,
+    shell:
+        "{PY}.split --accepted {input.accepted:q} --label-stats {input.label_stats:q}"
+        " --strong-requires {params.strong_requires} --label-map {params.label_map}"
+        " --output {output.split:q} > {log:q} 2>&1"
+
+
+TARGETS["split"] = [res("split", "split.tsv")]

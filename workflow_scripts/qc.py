@@ -1,0 +1,199 @@
+"""Ingest quality control: one case's image/label pair checked before anything downstream trusts it.
+
+Every later stage assumes a 3D single-channel image with finite intensities and, for an annotated case, an
+integer label map on the same voxel grid whose values all belong to the label map. Checking that once, per case,
+turns a confusing failure deep inside nnU-Net into a message naming the case and the file. With
+``on_error=skip`` a bad case is recorded as rejected instead, and the summary keeps it out of every later stage.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .volume_io import CaseError, Geometry, read_label, read_volume, validate_case_id, write_text
+
+
+@dataclass(frozen=True)
+class LabelClass:
+    id: int
+    name: str
+    kind: str  # "organ" or "lesion"
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    """How far label geometry may drift from the image's (float round-off in headers is normal)."""
+
+    spacing_rtol: float = 1e-3
+    origin_atol_mm: float = 1e-2
+    direction_atol: float = 1e-4
+
+
+def parse_label_map(specs: Sequence[str]) -> dict[int, LabelClass]:
+    """Parse ``ID:NAME:KIND`` command-line items (the config's label map, as rules pass it) into classes by id."""
+    classes: dict[int, LabelClass] = {}
+    for spec in specs:
+        parts = spec.split(":")
+        if len(parts) != 3 or not parts[0].isdigit() or parts[2] not in ("organ", "lesion"):
+            raise ValueError(f"label map item {spec!r} is not ID:NAME:organ|lesion")
+        classes[int(parts[0])] = LabelClass(int(parts[0]), parts[1], parts[2])
+    return classes
+
+
+def geometry_record(geometry: Geometry) -> dict:
+    """JSON-friendly geometry in SimpleITK's (x, y, z) order, as stored in the QC record."""
+    return {
+        "size": list(geometry.size),
+        "spacing": list(geometry.spacing),
+        "origin": list(geometry.origin),
+        "direction": list(geometry.direction),
+    }
+
+
+def present_values(label: np.ndarray) -> list[int]:
+    """Sorted distinct values of an integer array.
+
+    ``np.bincount`` is a single linear pass, far cheaper than sorting (``np.unique``) on a 100-million-voxel
+    volume, but it needs non-negative values of modest size; anything else (garbage labels) falls back to unique.
+    """
+    low, high = int(label.min()), int(label.max())
+    if low >= 0 and high < 2**16:
+        return np.flatnonzero(np.bincount(label.ravel(), minlength=high + 1)).tolist()
+    return np.unique(label).tolist()
+
+
+def _check_image(case: str, path: str) -> tuple[dict, Geometry, list[CaseError]]:
+    """Read the image (CaseError when unusable) and list its non-fatal problems."""
+    array, geometry = read_volume(path, case)
+    problems = []
+    record = {"file": str(path), "dtype": str(array.dtype), **geometry_record(geometry)}
+    if np.issubdtype(array.dtype, np.floating):
+        finite = np.isfinite(array)
+        n_bad = int(array.size - np.count_nonzero(finite))
+        if n_bad:
+            problems.append(CaseError(case, path, f"image has {n_bad} NaN or infinite voxel(s)"))
+        array = array[finite] if n_bad else array
+    if array.size:
+        record["min"], record["max"] = float(array.min()), float(array.max())
+    return record, geometry, problems
+
+
+def _check_label(
+    case: str, path: str, image_geometry: Geometry, label_ids: Sequence[int], tolerances: Tolerances
+) -> tuple[dict, list[CaseError]]:
+    """Read the label map (CaseError when unusable) and list its problems against the image and the label map."""
+    array, geometry = read_label(path, case)
+    problems = []
+    mismatch = image_geometry.mismatch(
+        geometry, tolerances.spacing_rtol, tolerances.origin_atol_mm, tolerances.direction_atol
+    )
+    if mismatch:
+        problems.append(CaseError(case, path, f"label does not match the image's voxel grid: image {mismatch}"))
+    values = present_values(array)
+    unknown = sorted(set(values) - {0, *label_ids})
+    if unknown:
+        shown = ", ".join(map(str, unknown[:10])) + (" ..." if len(unknown) > 10 else "")
+        problems.append(
+            CaseError(case, path, f"label values not in the label map (0, {', '.join(map(str, label_ids))}): {shown}")
+        )
+    record = {"file": str(path), "dtype": str(array.dtype), "values": values, **geometry_record(geometry)}
+    return record, problems
+
+
+def check_case(
+    case: str, image: str, label: str | None, label_ids: Sequence[int], tolerances: Tolerances
+) -> tuple[dict, list[CaseError]]:
+    """QC record of one case and every problem found.
+
+    Problems that make the rest meaningless (bad id, unreadable or non-3D file) end the check early; independent
+    ones (non-finite intensities, geometry, label values) are all collected so one run reports them together.
+    """
+    record: dict = {"case": case, "has_label": label is not None, "image": None, "label": None}
+    try:
+        validate_case_id(case, image)
+        record["image"], geometry, problems = _check_image(case, image)
+        if label is not None:
+            record["label"], label_problems = _check_label(case, label, geometry, label_ids, tolerances)
+            problems += label_problems
+    except CaseError as err:
+        problems = [err]
+    record["status"] = "rejected" if problems else "ok"
+    record["reasons"] = [err.reason for err in problems]
+    record["problems"] = [{"file": err.path, "reason": err.reason} for err in problems]
+    return record, problems
+
+
+def summarize(records: Sequence[Mapping]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Accepted cases (case, has_label) and one rejected row per problem (case, file, reason), in case order."""
+    records = sorted(records, key=lambda r: r["case"])
+    accepted = pd.DataFrame(
+        [(r["case"], r["has_label"]) for r in records if r["status"] == "ok"], columns=["case", "has_label"]
+    )
+    rejected = pd.DataFrame(
+        [(r["case"], p["file"], p["reason"]) for r in records if r["status"] != "ok" for p in r["problems"]],
+        columns=["case", "file", "reason"],
+    )
+    return accepted, rejected
+
+
+def _case_command(args: argparse.Namespace) -> int:
+    label_ids = sorted(parse_label_map(args.label_map))
+    tolerances = Tolerances(args.spacing_tolerance, args.origin_tolerance_mm, args.direction_tolerance)
+    record, problems = check_case(args.case, args.image, args.label, label_ids, tolerances)
+    for err in problems:
+        print(f"QC: {err}", file=sys.stderr)
+    if problems and args.on_error == "fail":
+        print("QC failed (qc.on_error=fail; set it to skip to exclude bad cases instead)", file=sys.stderr)
+        return 1
+    write_text(args.output, json.dumps(record, indent=1) + "\n")
+    print(f"QC {args.case}: {record['status']}")
+    return 0
+
+
+def _summary_command(args: argparse.Namespace) -> int:
+    records = [json.loads(Path(path).read_text()) for path in args.records]
+    accepted, rejected = summarize(records)
+    print(f"QC: {len(accepted)} case(s) accepted ({int(accepted['has_label'].sum())} labelled), "
+          f"{rejected['case'].nunique()} rejected")
+    for row in rejected.itertuples():
+        print(f"rejected {row.case} ({row.file}): {row.reason}")
+    if accepted.empty:
+        print("QC: no case passed QC; nothing can be trained", file=sys.stderr)
+        return 1
+    write_text(args.rejected, rejected.to_csv(sep="\t", index=False))
+    write_text(args.accepted, accepted.to_csv(sep="\t", index=False))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    case = commands.add_parser("case", help="check one case and write its QC record (JSON)")
+    case.add_argument("--case", required=True)
+    case.add_argument("--image", required=True)
+    case.add_argument("--label", help="label file; leave out for an unlabeled case")
+    case.add_argument("--label-map", nargs="+", required=True, metavar="ID:NAME:KIND")
+    case.add_argument("--on-error", choices=["fail", "skip"], required=True)
+    case.add_argument("--spacing-tolerance", type=float, required=True, help="relative")
+    case.add_argument("--origin-tolerance-mm", type=float, required=True)
+    case.add_argument("--direction-tolerance", type=float, required=True)
+    case.add_argument("--output", required=True)
+    case.set_defaults(run=_case_command)
+    summary = commands.add_parser("summary", help="collect QC records into accepted.tsv and rejected.tsv")
+    summary.add_argument("--accepted", required=True)
+    summary.add_argument("--rejected", required=True)
+    summary.add_argument("records", nargs="+", help="QC records (JSON) of every case")
+    summary.set_defaults(run=_summary_command)
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
