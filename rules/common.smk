@@ -137,3 +137,7 @@ def efficiency_tables(experiment):
         os.path.join(prediction_dir(experiment), "efficiency", f"{shard}.tsv")
         for shard in test_shards(shard_size_of(experiment))
     ]
+
+
+# The label map as the stage CLIs take it (--label-map ID:NAME:KIND ...).
+LABEL_MAP_ARG = " ".join(f"{i}:{e['name']}:{e['kind']}" for i, e in LABELS.items())
