@@ -1,0 +1,300 @@
+"""Label merging: supplement each weak label with the teacher's pseudo-label, never touching an annotation.
+
+The rule is the paper's (two-stage weak-label training, FLARE23), applied per foreground class: if the class occurs
+anywhere in the weak label, its annotation is trusted as complete and every pseudo voxel of that class is discarded
+(even outside the annotated region, otherwise the student would learn two disagreeing outlines of one organ);
+otherwise the weak label's *background* voxels that the teacher predicts as that class take the class. Annotated
+voxels never change, so a pseudo organ can never overwrite a lesion.
+
+Optionally pseudo voxels below ``min_confidence`` are not trusted either: they stay background, or become the
+nnU-Net ignore label (highest label id + 1) so that the student's loss skips them instead of learning background.
+
+Strong cases pass through unchanged, unlabeled cases (an all-background "weak label") take the pseudo-label.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .volume_io import CaseError, Geometry, read_label, write_text, write_volume
+
+LOW_CONFIDENCE_AS = ("background", "ignore")
+
+
+def ignore_label(labels_config: Sequence[Mapping]) -> int:
+    """The nnU-Net ignore label: one above the highest label id (15 for FLARE23's ids 1-14).
+
+    nnU-Net v2 requires the ignore label to be the highest value in the label map, so it cannot collide with a
+    class and the student stages can derive it from the same label map.
+    """
+    return max(int(entry["id"]) for entry in labels_config) + 1
+
+
+def merged_dtype(ignore: int) -> type[np.unsignedinteger]:
+    """Smallest unsigned type holding every label id and the ignore label (uint8 unless ids reach 255)."""
+    return np.uint8 if ignore <= np.iinfo(np.uint8).max else np.uint16
+
+
+class LabelValuesError(ValueError):
+    """An input holds values it may not hold; ``which`` names the input ("weak", "pseudo" or "confidence")."""
+
+    def __init__(self, which: str, message: str) -> None:
+        self.which = which
+        super().__init__(message)
+
+
+def class_counts(label: np.ndarray, allowed: Iterable[int], which: str) -> np.ndarray:
+    """Voxels per value (index = value), from a single bincount; values outside ``{0} | allowed`` are an error.
+
+    One pass gives both the validation and the "classes present" lookup, so the merge never scans a class mask
+    per class.
+    """
+    allowed_set = {0, *(int(v) for v in allowed)}
+    if np.issubdtype(label.dtype, np.signedinteger) and label.size and int(label.min()) < 0:
+        raise LabelValuesError(which, f"{which} label holds negative values")
+    counts = np.bincount(label.ravel(), minlength=max(allowed_set) + 1)
+    bad = sorted(set(np.flatnonzero(counts).tolist()) - allowed_set)
+    if bad:
+        raise LabelValuesError(which, f"{which} label holds values {bad} outside the allowed ids {sorted(allowed_set)}")
+    return counts
+
+
+@dataclass(frozen=True)
+class MergeSettings:
+    """Everything the merge needs besides the arrays; built from the config by :func:`settings_from_config`."""
+
+    label_ids: tuple[int, ...]  # every id of the label map (organs and lesions)
+    fill_classes: tuple[int, ...]  # classes the teacher predicts: the only ones that can be filled
+    min_confidence: float  # pseudo voxels with confidence / 255 below this are not filled
+    low_confidence_as: str  # what those voxels become: "background" or "ignore"
+    ignore: int  # the ignore label id, see :func:`ignore_label`
+
+    def __post_init__(self) -> None:
+        if self.low_confidence_as not in LOW_CONFIDENCE_AS:
+            raise ValueError(f"low_confidence_as must be one of {LOW_CONFIDENCE_AS}, got {self.low_confidence_as!r}")
+        if not 0.0 <= self.min_confidence <= 1.0:
+            raise ValueError(f"min_confidence must lie in [0, 1], got {self.min_confidence}")
+        unknown = sorted(set(self.fill_classes) - set(self.label_ids))
+        if unknown:
+            raise ValueError(f"fill classes {unknown} are not in the label map {sorted(self.label_ids)}")
+        if self.ignore <= max(self.label_ids):
+            raise ValueError(f"ignore label {self.ignore} collides with the label ids (max {max(self.label_ids)})")
+
+
+def settings_from_config(labels: Sequence[Mapping], fill_classes: Sequence[int], min_confidence: float,
+                         low_confidence_as: str) -> MergeSettings:
+    return MergeSettings(
+        label_ids=tuple(int(entry["id"]) for entry in labels),
+        fill_classes=tuple(int(c) for c in fill_classes),
+        min_confidence=float(min_confidence),
+        low_confidence_as=low_confidence_as,
+        ignore=ignore_label(labels),
+    )
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    merged: np.ndarray
+    annotated: np.ndarray  # bool per value id: the class occurs in the weak label (its pseudo voxels discarded)
+    pseudo_voxels: np.ndarray  # voxels per value id predicted by the teacher
+    filled: np.ndarray  # voxels per value id that changed from background to the class
+    ignored: np.ndarray  # voxels per value id (the pseudo class) set to the ignore label
+
+
+def merge_labels(weak: np.ndarray, pseudo: np.ndarray, confidence: np.ndarray | None,
+                 settings: MergeSettings) -> MergeResult:
+    """Supplement ``weak`` with ``pseudo`` by the paper's per-class rule, vectorised over all classes at once.
+
+    ``confidence`` holds the teacher's confidence as uint8 (value / 255); it may be None only when
+    ``min_confidence`` is 0. Memory stays a few copies of one case: the per-class decision is a lookup table
+    indexed by the pseudo value instead of one mask per class.
+    """
+    if weak.shape != pseudo.shape or (confidence is not None and confidence.shape != weak.shape):
+        shapes = [weak.shape, pseudo.shape] + ([] if confidence is None else [confidence.shape])
+        raise ValueError(f"weak label, pseudo-label and confidence shapes differ: {shapes}")
+    n_values = max(settings.label_ids) + 1
+    weak_counts = class_counts(weak, settings.label_ids, "weak")
+    pseudo_counts = class_counts(pseudo, settings.fill_classes, "pseudo")
+    annotated = np.zeros(n_values, dtype=bool)
+    annotated[: weak_counts.size] = weak_counts > 0
+    annotated[0] = False
+
+    # fillable[v]: pseudo value v is a teacher class that the weak label does not annotate anywhere
+    fillable = np.zeros(n_values, dtype=bool)
+    fillable[list(settings.fill_classes)] = True
+    fillable &= ~annotated
+    candidates = fillable[pseudo]
+    candidates &= weak == 0
+
+    merged = weak.astype(merged_dtype(settings.ignore), copy=True)
+    low = np.zeros_like(candidates)
+    if confidence is not None and confidence.dtype != np.uint8:
+        raise LabelValuesError("confidence", f"confidence must be uint8 (value / 255), found {confidence.dtype}")
+    if settings.min_confidence > 0:
+        if confidence is None:
+            raise ValueError("min_confidence > 0 needs the confidence map")
+        # exact per-value comparison, value / 255 < min_confidence, without a float copy of the volume
+        low_lut = np.arange(256) / 255.0 < settings.min_confidence
+        low = low_lut[confidence]
+        low &= candidates
+        candidates &= ~low
+    merged[candidates] = pseudo[candidates]
+    if settings.low_confidence_as == "ignore":
+        merged[low] = settings.ignore
+    return MergeResult(
+        merged=merged,
+        annotated=annotated,
+        pseudo_voxels=_padded(pseudo_counts, n_values),
+        filled=np.bincount(pseudo[candidates], minlength=n_values),
+        ignored=(np.bincount(pseudo[low], minlength=n_values) if settings.low_confidence_as == "ignore"
+                 else np.zeros(n_values, dtype=np.int64)),
+    )
+
+
+def _padded(counts: np.ndarray, n: int) -> np.ndarray:
+    out = np.zeros(n, dtype=np.int64)
+    out[: counts.size] = counts
+    return out
+
+
+def pass_through(label: np.ndarray, settings: MergeSettings) -> MergeResult:
+    """A strong case: the merged label is the raw label, voxel for voxel (only the voxel type is unified)."""
+    n_values = max(settings.label_ids) + 1
+    counts = _padded(class_counts(label, settings.label_ids, "weak"), n_values)
+    zeros = np.zeros(n_values, dtype=np.int64)
+    annotated = counts > 0
+    annotated[0] = False
+    return MergeResult(label.astype(merged_dtype(settings.ignore), copy=False), annotated, zeros, zeros, zeros)
+
+
+def case_table(result: MergeResult, labels: Sequence[Mapping], voxel_volume_mm3: float) -> pd.DataFrame:
+    """Per-class report of one merged case: whether the class was annotated, what the teacher predicted, what was
+    filled (voxels and ml) and how many voxels became the ignore label."""
+    ids = [int(entry["id"]) for entry in labels]
+    return pd.DataFrame({
+        "class_id": ids,
+        "name": [entry["name"] for entry in labels],
+        "annotated": result.annotated[ids],
+        "pseudo_voxels": result.pseudo_voxels[ids],
+        "filled_voxels": result.filled[ids],
+        "filled_ml": np.round(result.filled[ids] * voxel_volume_mm3 / 1000.0, 4),
+        "ignored_voxels": result.ignored[ids],
+    })
+
+
+def _check_geometry(case: str, reference: Geometry, reference_path: str, other: Geometry, other_path: str,
+                    tolerances: Mapping[str, float]) -> None:
+    problem = reference.mismatch(other, **tolerances)
+    if problem:
+        raise CaseError(case, other_path, f"geometry differs from {reference_path}: {problem}")
+
+
+def merge_case(case: str, weak_path: str | None, pseudo_path: str | None, confidence_path: str | None,
+               settings: MergeSettings, labels: Sequence[Mapping], out_label: str, out_table: str,
+               tolerances: Mapping[str, float] | None = None) -> MergeResult:
+    """Read one case's inputs, merge (or pass through when there is no pseudo-label) and write both outputs.
+
+    Everything is read and checked before anything is written, so a bad input leaves no output behind. Without a
+    weak label (an unlabeled case) the weak label is all background on the pseudo-label's grid. The output keeps
+    the weak label's geometry exactly (the pseudo-label's for an unlabeled case).
+    """
+    if weak_path is None and pseudo_path is None:
+        raise CaseError(case, None, "neither a weak label nor a pseudo-label given")
+    if pseudo_path is not None and confidence_path is None:
+        raise CaseError(case, pseudo_path, "pseudo-label given without its confidence map")
+    tolerances = dict(tolerances or {})
+    paths = {"weak": weak_path, "pseudo": pseudo_path, "confidence": confidence_path}
+    weak = pseudo = confidence = None
+    if weak_path is not None:
+        weak, geometry = read_label(weak_path, case)
+    if pseudo_path is not None:
+        pseudo, pseudo_geometry = read_label(pseudo_path, case)
+        confidence, confidence_geometry = read_label(confidence_path, case)
+        _check_geometry(case, pseudo_geometry, pseudo_path, confidence_geometry, confidence_path, tolerances)
+        if weak is None:
+            geometry = pseudo_geometry
+            weak = np.zeros(pseudo.shape, dtype=np.uint8)
+        else:
+            _check_geometry(case, geometry, weak_path, pseudo_geometry, pseudo_path, tolerances)
+    try:
+        result = (pass_through(weak, settings) if pseudo is None
+                  else merge_labels(weak, pseudo, confidence, settings))
+    except LabelValuesError as err:
+        raise CaseError(case, paths[err.which], str(err)) from err
+    write_volume(out_label, result.merged, geometry)
+    write_text(out_table, case_table(result, labels, geometry.voxel_volume_mm3).to_csv(sep="\t", index=False))
+    return result
+
+
+def summary_table(tables: Mapping[str, str], categories: Mapping[str, str]) -> pd.DataFrame:
+    """One row per merged case: category, voxels filled per class, total filled and ignored voxels."""
+    rows = []
+    for case, path in tables.items():
+        table = pd.read_csv(path, sep="\t")
+        row = {"case": case, "category": categories[case]}
+        row.update({f"filled_{name}": int(v) for name, v in zip(table["name"], table["filled_voxels"])})
+        row["filled_total"] = int(table["filled_voxels"].sum())
+        row["filled_ml_total"] = round(float(table["filled_ml"].sum()), 4)
+        row["ignored_voxels"] = int(table["ignored_voxels"].sum())
+        row["annotated_classes"] = ",".join(str(c) for c in table.loc[table["annotated"], "class_id"])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m workflow_scripts.merge", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    case = sub.add_parser("case", help="merge one case (or pass a strong case through)")
+    case.add_argument("--case", required=True)
+    case.add_argument("--weak", help="the raw label; omitted for an unlabeled case")
+    case.add_argument("--pseudo", help="the teacher's pseudo-label; omitted for a strong case")
+    case.add_argument("--confidence", help="the pseudo-label's confidence map (uint8, value / 255)")
+    case.add_argument("--labels", required=True, help="the label map as JSON (config key labels)")
+    case.add_argument("--fill-classes", type=int, nargs="+", required=True, help="teacher.classes")
+    case.add_argument("--min-confidence", type=float, default=0.0)
+    case.add_argument("--low-confidence-as", choices=LOW_CONFIDENCE_AS, default="background")
+    case.add_argument("--spacing-tolerance", type=float, default=1e-3)
+    case.add_argument("--origin-tolerance-mm", type=float, default=1e-2)
+    case.add_argument("--direction-tolerance", type=float, default=1e-4)
+    case.add_argument("--out-label", required=True)
+    case.add_argument("--out-table", required=True)
+    summary = sub.add_parser("summary", help="collect per-case merge tables into one")
+    summary.add_argument("--split", required=True, help="split/split.tsv (case, category)")
+    summary.add_argument("--tables", nargs="+", required=True, help="merged/{case}.tsv files")
+    summary.add_argument("--output", required=True)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse_args(argv)
+    if args.command == "summary":
+        categories = dict(pd.read_csv(args.split, sep="\t")[["case", "category"]].itertuples(index=False))
+        tables = {Path(p).name.removesuffix(".tsv"): p for p in args.tables}
+        write_text(args.output, summary_table(tables, categories).to_csv(sep="\t", index=False))
+        print(f"summary of {len(tables)} merged cases -> {args.output}")
+        return 0
+    labels = json.loads(args.labels)
+    settings = settings_from_config(labels, args.fill_classes, args.min_confidence, args.low_confidence_as)
+    tolerances = {"spacing_rtol": args.spacing_tolerance, "origin_atol": args.origin_tolerance_mm,
+                  "direction_atol": args.direction_tolerance}
+    result = merge_case(args.case, args.weak, args.pseudo, args.confidence, settings, labels, args.out_label,
+                        args.out_table, tolerances)
+    filled = {int(c): int(n) for c, n in enumerate(result.filled) if n}
+    print(f"case {args.case}: annotated {np.flatnonzero(result.annotated).tolist()}, filled {filled}, "
+          f"ignored {int(result.ignored.sum())} voxels -> {args.out_label}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except CaseError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
