@@ -6,9 +6,12 @@ for exactly this plan.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
+
+from .layout import demo_layout
 
 KINDS = ("strong", "lesion_only", "partial", "unlabeled")
 
@@ -44,3 +47,17 @@ def plan(demo: dict) -> DemoPlan:
     train = {f"FLARE23_{i + 1:04d}": str(kind) for i, kind in enumerate(kinds)}
     test = [f"FLARE23Ts_{i + 1:04d}" for i in range(demo["n_test"])]
     return DemoPlan(train, test)
+
+
+def _demo_root(results: str) -> str:
+    return os.path.dirname(demo_layout(results)["images"])
+
+
+def truth_path(results: str, case: str) -> str:
+    """Complete ground truth of a training case (every class, whatever its annotation kind): lets later stages
+    score pseudo-labels and merged labels against what a full annotation would have said."""
+    return os.path.join(_demo_root(results), "truthTr", f"{case}.nii.gz")
+
+
+def dataset_json_path(results: str) -> str:
+    return os.path.join(_demo_root(results), "dataset.json")
