@@ -31,6 +31,7 @@ include: "rules/teacher.smk"
 include: "rules/pseudo.smk"
 include: "rules/merge.smk"
 include: "rules/student.smk"
+include: "rules/student_nnunet.smk"
 include: "rules/evaluation.smk"
 include: "rules/report.smk"
 

@@ -1,0 +1,1 @@
+# Rules of the nnU-Net student option (student.experiments[*].model: nnunet).
