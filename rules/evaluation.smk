@@ -1,1 +1,143 @@
-# Rules of the evaluation stage.
+# Rules of the evaluation stage: FLARE DSC/NSD per experiment (workflow_scripts/evaluate.py), the per-experiment
+# efficiency table (workflow_scripts/efficiency_report.py) and the ablation table (workflow_scripts/ablation.py).
+
+import json
+
+# Student experiments plus the teacher, whose own test-set predictions are scored the same way.
+EVAL_EXPERIMENTS = list(dict.fromkeys(config["eval"]["experiments"] + ["teacher"]))
+EVAL_PATTERN = "|".join(EVAL_EXPERIMENTS)
+TEST_CASES = sorted(TEST)
+
+for key in ("ablation", "overlay_experiments"):
+    unknown = sorted(set(config["eval"][key]) - set(EVAL_EXPERIMENTS))
+    if unknown:
+        raise ValueError(
+            f"config eval.{key} names {unknown}, which are not evaluated (eval.experiments + teacher)"
+        )
+if config["eval"]["rank_experiment"] not in EVAL_EXPERIMENTS:
+    raise ValueError(
+        f"config eval.rank_experiment {config['eval']['rank_experiment']!r} is not evaluated"
+    )
+
+
+def eval_file(experiment, name):
+    return res("eval", experiment, name)
+
+
+def geometry_tolerance_args():
+    """The QC stage's geometry tolerances: a prediction must sit on the ground truth's grid within them."""
+    qc = config["qc"]
+    return (
+        f"--spacing-tolerance {qc['spacing_tolerance']}"
+        f" --origin-tolerance-mm {qc['origin_tolerance_mm']}"
+        f" --direction-tolerance {qc['direction_tolerance']}"
+    )
+
+
+rule evaluate_experiment:
+    input:
+        gt=[TEST[case]["label"] for case in TEST_CASES],
+        pred=lambda wildcards: prediction_files(wildcards.experiment),
+    output:
+        metrics=eval_file("{experiment}", "metrics.tsv"),
+        summary=report(
+            eval_file("{experiment}", "summary.tsv"),
+            category="Evaluation",
+            subcategory="{experiment}",
+            caption="../report/summary.rst",
+            labels={"experiment": "{experiment}", "table": "DSC / NSD summary"},
+        ),
+    log:
+        log_path("evaluate_experiment", "{experiment}"),
+    benchmark:
+        bench_path("evaluate_experiment", "{experiment}")
+    wildcard_constraints:
+        experiment=EVAL_PATTERN,
+    conda:
+        "../envs/base.yaml"
+    threads: config["eval"]["threads"]
+    resources:
+        mem_mb=config["eval"]["mem_mb"],
+        runtime=config["eval"]["runtime"],
+    params:
+        cases=" ".join(TEST_CASES),
+        labels=json.dumps(config["labels"]),
+        z_crop=(
+            " ".join(str(c) for c in config["eval"]["tubular_classes"])
+            if config["eval"]["tubular_z_crop"]
+            else ""
+        ),
+        nsd_zero_below_dsc=config["eval"]["nsd_zero_below_dsc"],
+        tolerances=geometry_tolerance_args(),
+    shell:
+        "{PY}.evaluate --cases {params.cases} --gt {input.gt:q} --pred {input.pred:q}"
+        " --labels {params.labels:q} --z-crop-classes {params.z_crop}"
+        " --nsd-zero-below-dsc {params.nsd_zero_below_dsc} {params.tolerances} --jobs {threads}"
+        " --metrics {output.metrics:q} --summary {output.summary:q} > {log:q} 2>&1"
+
+
+rule efficiency_experiment:
+    input:
+        lambda wildcards: efficiency_tables(wildcards.experiment),
+    output:
+        report(
+            eval_file("{experiment}", "efficiency.tsv"),
+            category="Efficiency",
+            subcategory="{experiment}",
+            caption="../report/efficiency_table.rst",
+            labels={"experiment": "{experiment}", "table": "time and memory per case"},
+        ),
+    log:
+        log_path("efficiency_experiment", "{experiment}"),
+    benchmark:
+        bench_path("efficiency_experiment", "{experiment}")
+    wildcard_constraints:
+        experiment=EVAL_PATTERN,
+    conda:
+        "../envs/base.yaml"
+    threads: 1
+    resources:
+        mem_mb=config["eval"]["mem_mb"],
+        runtime=config["eval"]["runtime"],
+    params:
+        cases=" ".join(TEST_CASES),
+    shell:
+        "{PY}.efficiency_report --tables {input:q} --cases {params.cases}"
+        " --output {output:q} > {log:q} 2>&1"
+
+
+rule ablation:
+    input:
+        [
+            eval_file(experiment, "summary.tsv")
+            for experiment in config["eval"]["ablation"]
+        ],
+    output:
+        report(
+            res("eval", "ablation.tsv"),
+            category="Evaluation",
+            caption="../report/ablation.rst",
+            labels={"experiment": "all", "table": "ablation (Table 4)"},
+        ),
+    log:
+        log_path("ablation"),
+    benchmark:
+        bench_path("ablation")
+    conda:
+        "../envs/base.yaml"
+    threads: 1
+    resources:
+        mem_mb=config["eval"]["mem_mb"],
+        runtime=config["eval"]["runtime"],
+    params:
+        experiments=" ".join(config["eval"]["ablation"]),
+    shell:
+        "{PY}.ablation --experiments {params.experiments} --summaries {input:q}"
+        " --output {output:q} > {log:q} 2>&1"
+
+
+TARGETS["eval"] = [
+    eval_file(experiment, name)
+    for experiment in EVAL_EXPERIMENTS
+    for name in ("metrics.tsv", "summary.tsv", "efficiency.tsv")
+] + [res("eval", "ablation.tsv")]
