@@ -8,8 +8,10 @@ turns a confusing failure deep inside nnU-Net into a message naming the case and
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import sys
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -69,18 +71,48 @@ def present_values(label: np.ndarray) -> list[int]:
     return np.unique(label).tolist()
 
 
+def verify_gzip(path: str, case: str) -> None:
+    """Decompress a ``.gz`` file to its end, checking the stream's CRC and length.
+
+    ITK's NIfTI reader silently returns a volume from a truncated ``.nii.gz`` (the missing voxels are just
+    absent), so a half-copied file would otherwise pass as valid data.
+    """
+    if not str(path).endswith(".gz") or not Path(path).is_file():
+        return  # other formats, and missing files, are reported by the reader itself
+    try:
+        with gzip.open(path, "rb") as stream:
+            while stream.read(1 << 22):
+                pass
+    except (OSError, EOFError, zlib.error) as err:
+        raise CaseError(case, path, f"corrupt gzip data: {err}") from err
+
+
+def count_nonfinite(path: str, array: np.ndarray) -> int:
+    """Number of NaN or infinite voxels of an image as stored in its file.
+
+    ITK's NIfTI reader (SimpleITK 2.5) silently turns NaN and +-inf into 0, so ``array`` cannot show them for a
+    NIfTI file: its stored voxels are read again with nibabel. Integer images (most CT) cannot hold either value,
+    so nibabel is imported only when needed, keeping start-up short for the thousands of QC jobs.
+    """
+    if not np.issubdtype(array.dtype, np.floating):
+        return 0
+    if str(path).endswith((".nii", ".nii.gz")):
+        import nibabel
+
+        array = np.asanyarray(nibabel.load(path).dataobj)
+    return int(array.size - np.count_nonzero(np.isfinite(array)))
+
+
 def _check_image(case: str, path: str) -> tuple[dict, Geometry, list[CaseError]]:
     """Read the image (CaseError when unusable) and list its non-fatal problems."""
+    verify_gzip(path, case)
     array, geometry = read_volume(path, case)
     problems = []
     record = {"file": str(path), "dtype": str(array.dtype), **geometry_record(geometry)}
-    if np.issubdtype(array.dtype, np.floating):
-        finite = np.isfinite(array)
-        n_bad = int(array.size - np.count_nonzero(finite))
-        if n_bad:
-            problems.append(CaseError(case, path, f"image has {n_bad} NaN or infinite voxel(s)"))
-        array = array[finite] if n_bad else array
-    if array.size:
+    n_bad = count_nonfinite(path, array)
+    if n_bad:
+        problems.append(CaseError(case, path, f"image has {n_bad} NaN or infinite voxel(s)"))
+    else:
         record["min"], record["max"] = float(array.min()), float(array.max())
     return record, geometry, problems
 
@@ -89,6 +121,7 @@ def _check_label(
     case: str, path: str, image_geometry: Geometry, label_ids: Sequence[int], tolerances: Tolerances
 ) -> tuple[dict, list[CaseError]]:
     """Read the label map (CaseError when unusable) and list its problems against the image and the label map."""
+    verify_gzip(path, case)
     array, geometry = read_label(path, case)
     problems = []
     mismatch = image_geometry.mismatch(

@@ -7,7 +7,7 @@ bar chart.
 
 Label files decompress at about 1 GB/s, so statistics must cost less than reading to keep up (the bench asks
 for >= 0.7x of plain reading). Annotated voxels usually fill a small part of a CT volume; everything here therefore
-works inside bounding boxes found by cheap max projections, never on the whole volume more than once.
+works inside bounding boxes: the whole volume is only touched by cheap max projections that find the foreground.
 """
 from __future__ import annotations
 
@@ -15,17 +15,19 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import cc3d
 import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 from scipy import ndimage
 
 from .qc import LabelClass, parse_label_map
 from .volume_io import CaseError, atomic_path, read_label, write_text
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 CASE_COLUMNS = ["case", "class_id", "name", "kind", "voxels", "volume_ml", "components",
                 "bbox_z0", "bbox_y0", "bbox_x0", "bbox_z1", "bbox_y1", "bbox_x1"]
@@ -119,8 +121,7 @@ def aggregate(
 
 def plot_class_counts(histogram: pd.Series, path: str) -> None:
     """Bar chart of cases per number of annotated classes (the paper's Fig. 2)."""
-    fig = Figure(figsize=(7, 4))
-    ax = fig.subplots()
+    fig, ax = _new_figure((7, 4))
     bars = ax.bar(histogram.index, histogram.values, color="tab:blue")
     ax.bar_label(bars, fontsize=8)
     ax.set_xticks(histogram.index)
@@ -132,8 +133,7 @@ def plot_class_counts(histogram: pd.Series, path: str) -> None:
 
 def plot_class_presence(summary: pd.DataFrame, n_cases: int, path: str) -> None:
     """Bar chart of how many labelled cases annotate each class (organs blue, lesions red)."""
-    fig = Figure(figsize=(8, 4))
-    ax = fig.subplots()
+    fig, ax = _new_figure((8, 4))
     colors = ["tab:red" if kind == "lesion" else "tab:blue" for kind in summary["kind"]]
     bars = ax.bar(summary["name"], summary["cases"], color=colors)
     ax.bar_label(bars, fontsize=8)
@@ -144,25 +144,37 @@ def plot_class_presence(summary: pd.DataFrame, n_cases: int, path: str) -> None:
     _save(fig, path)
 
 
-def _save(fig: Figure, path: str) -> None:
-    """Write a figure (counts of cases: integer ticks) atomically: Snakemake must never see a half-written PNG.
+def _new_figure(size: tuple[float, float]) -> tuple[Figure, Axes]:
+    """A figure with one axes counting cases (integer ticks).
 
-    Figures are built as plain ``Figure`` objects (not through pyplot), so no GUI backend is ever involved."""
-    for ax in fig.axes:
-        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    matplotlib is imported here, not at module level: it doubles the start-up time of the thousands of per-case
+    jobs, which never plot. A plain ``Figure`` (not pyplot) needs no GUI backend.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=size)
+    ax = fig.subplots()
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    return fig, ax
+
+
+def _save(fig: Figure, path: str) -> None:
+    """Write a figure atomically: Snakemake must never see a half-written PNG."""
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120)
 
 
-def _write_tsv(path: str, table: pd.DataFrame) -> None:
+def write_table(path: str | Path, table: pd.DataFrame) -> None:
+    """Atomically write a tab-separated table (six significant digits for floats such as volumes)."""
     write_text(path, table.to_csv(sep="\t", index=False, float_format="%.6g"))
 
 
 def _case_command(args: argparse.Namespace) -> int:
     require_qc_ok(args.case, args.qc)
     table = case_statistics(args.case, args.label, parse_label_map(args.label_map), args.connectivity)
-    _write_tsv(args.output, table)
+    write_table(args.output, table)
     print(f"{args.case}: {len(table)} class(es) present: {', '.join(map(str, table['name']))}")
     return 0
 
@@ -171,8 +183,8 @@ def _aggregate_command(args: argparse.Namespace) -> int:
     classes = parse_label_map(args.label_map)
     tables = {Path(path).name.removesuffix(".tsv"): pd.read_csv(path, sep="\t") for path in args.tables}
     long, summary, histogram = aggregate(tables, classes)
-    _write_tsv(args.table, long)
-    _write_tsv(args.summary, summary)
+    write_table(args.table, long)
+    write_table(args.summary, summary)
     plot_class_counts(histogram, args.counts_png)
     plot_class_presence(summary, len(tables), args.presence_png)
     print(f"{len(tables)} labelled case(s); cases per number of annotated classes:")
