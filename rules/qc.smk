@@ -19,6 +19,8 @@ rule qc_case:
         log_path("qc_case", "{case}"),
     benchmark:
         bench_path("qc_case", "{case}")
+    conda:
+        "../envs/base.yaml"
     threads: 1
     resources:
         mem_mb=config["qc"]["mem_mb"],
@@ -49,6 +51,8 @@ checkpoint qc_summary:
         log_path("qc_summary"),
     benchmark:
         bench_path("qc_summary")
+    conda:
+        "../envs/base.yaml"
     threads: 1
     resources:
         mem_mb=config["qc"]["mem_mb"],

@@ -11,6 +11,8 @@ checkpoint split:
         log_path("split"),
     benchmark:
         bench_path("split")
+    conda:
+        "../envs/base.yaml"
     threads: 1
     resources:
         mem_mb=config["split"]["mem_mb"],

@@ -17,6 +17,8 @@ rule stats_case:
         log_path("stats_case", "{case}"),
     benchmark:
         bench_path("stats_case", "{case}")
+    conda:
+        "../envs/base.yaml"
     threads: 1
     resources:
         mem_mb=config["stats"]["mem_mb"],
@@ -52,6 +54,8 @@ rule stats_aggregate:
         log_path("stats_aggregate"),
     benchmark:
         bench_path("stats_aggregate")
+    conda:
+        "../envs/base.yaml"
     threads: 1
     resources:
         mem_mb=config["stats"]["mem_mb"],
