@@ -4,6 +4,7 @@ import os
 import sys
 
 import pandas as pd
+from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
 sys.path.insert(0, workflow.basedir)
 
@@ -15,8 +16,10 @@ LABELS = {entry["id"]: entry for entry in config["labels"]}
 ORGANS = [i for i, entry in LABELS.items() if entry["kind"] == "organ"]
 LESIONS = [i for i, entry in LABELS.items() if entry["kind"] == "lesion"]
 # Every script runs as `python -m workflow_scripts.<module>` with the workflow folder on the path, so rules work
-# from any working directory and inside conda environments alike.
-PY = f"PYTHONPATH={workflow.basedir}${{PYTHONPATH:+:$PYTHONPATH}} python -m workflow_scripts"
+# from any working directory. Without --use-conda that is the interpreter running Snakemake (the project venv, also
+# inside cluster jobs); with it, the `python` of the rule's conda environment.
+PYTHON = "python" if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method else sys.executable
+PY = f"PYTHONPATH={workflow.basedir}${{PYTHONPATH:+:$PYTHONPATH}} {PYTHON} -m workflow_scripts"
 
 
 def res(*parts):
