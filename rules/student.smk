@@ -1,1 +1,156 @@
-# Rules of the student stage.
+# Rules of the student stage: the coarse-to-fine student (workflow_scripts/c2f_*.py), trained on the merged labels
+# (two_stage) or on the raw weak labels (baseline, the paper's ablation), and its test-set predictions.
+# Only experiments whose model is c2f are handled here; the nnU-Net student option lives in its own rule file.
+
+import json
+
+from workflow_scripts.c2f_train import TrainingCase, write_manifest
+from workflow_scripts.merge import ignore_label
+
+C2F_EXPERIMENTS = [
+    name
+    for name, experiment in config["student"]["experiments"].items()
+    if experiment.get("model", "c2f") == "c2f"
+]
+# restricts the student rules' {experiment} wildcard so they never compete with the nnU-Net student's rules
+C2F_PATTERN = "|".join(C2F_EXPERIMENTS) or "(?!)"
+
+
+def student_training_cases(wildcards):
+    """Every labelled accepted case, with the label its experiment trains on."""
+    source = config["student"]["experiments"][wildcards.experiment]["labels"]
+    return [
+        TrainingCase(case, TRAIN[case]["image"], training_label(case, source))
+        for case in cases_by_category("strong", "weak")
+    ]
+
+
+def student_training_inputs(wildcards):
+    cases = student_training_cases(wildcards)
+    return {
+        "images": [c.image for c in cases],
+        "labels": [c.label for c in cases],
+    }
+
+
+def write_student_manifest(wildcards, path, log):
+    """The training-case table. A file rather than command-line arguments: thousands of training cases would
+    exceed the shell's argument limit."""
+    cases = student_training_cases(wildcards)
+    write_manifest(path, cases)
+    with open(log, "w") as handle:
+        print(f"{len(cases)} training cases", file=handle)
+
+
+def student_resources(kind):
+    """mem_mb / runtime of training or prediction jobs; gpu=1 when the configured device is CUDA."""
+    prefix = "" if kind == "train" else "predict_"
+    return {
+        "mem_mb": config["student"][f"{prefix}mem_mb"],
+        "runtime": config["student"][f"{prefix}runtime"],
+        "gpu": int(config["device"] == "cuda"),
+    }
+
+
+rule student_manifest:
+    input:
+        unpack(student_training_inputs),
+    output:
+        res("student", "{experiment}", "train_cases.tsv"),
+    log:
+        log_path("student_manifest", "{experiment}"),
+    benchmark:
+        bench_path("student_manifest", "{experiment}")
+    wildcard_constraints:
+        experiment=C2F_PATTERN,
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=5,
+    run:
+        write_student_manifest(wildcards, output[0], log[0])
+
+
+rule student_train:
+    input:
+        unpack(student_training_inputs),
+        manifest=res("student", "{experiment}", "train_cases.tsv"),
+    output:
+        model=res("student", "{experiment}", "model", "model_final.pt"),
+        log=res("student", "{experiment}", "model", "training_log.tsv"),
+    log:
+        log_path("student_train", "{experiment}"),
+    benchmark:
+        bench_path("student_train", "{experiment}")
+    wildcard_constraints:
+        experiment=C2F_PATTERN,
+    conda:
+        "../envs/student.yaml"
+    threads: config["student"]["threads"]
+    resources:
+        **student_resources("train"),
+    params:
+        c2f=json.dumps(config["student"]["c2f"]),
+        label_ids=" ".join(str(i) for i in LABELS),
+        ignore=ignore_label(config["labels"]),
+        work_dir=lambda wildcards: res("student", wildcards.experiment, "checkpoints"),
+        device=config["device"],
+    shell:
+        "{PY}.c2f_train --manifest {input.manifest:q} --c2f {params.c2f:q}"
+        " --label-ids {params.label_ids} --ignore-label {params.ignore}"
+        " --work-dir {params.work_dir:q} --model {output.model:q} --log {output.log:q}"
+        " --device {params.device} --threads {threads} > {log:q} 2>&1"
+
+
+# One prediction job per shard of test cases: the model is loaded once per shard, and every case still gets its
+# own output file. Shards are fixed when the workflow is parsed, so each is a rule of its own.
+for student_shard, student_shard_cases in test_shards(
+    config["student"]["shard_size"]
+).items():
+
+    rule:
+        name:
+            f"student_predict_{student_shard}"
+        input:
+            model=res("student", "{experiment}", "model", "model_final.pt"),
+            images=[TEST[case]["image"] for case in student_shard_cases],
+        output:
+            predictions=[
+                res("student", "{experiment}", "pred", f"{case}.nii.gz")
+                for case in student_shard_cases
+            ],
+            efficiency=res(
+                "student", "{experiment}", "pred", "efficiency", f"{student_shard}.tsv"
+            ),
+        log:
+            log_path("student_predict", f"{{experiment}}_{student_shard}"),
+        benchmark:
+            bench_path("student_predict", f"{{experiment}}_{student_shard}")
+        wildcard_constraints:
+            experiment=C2F_PATTERN,
+        conda:
+            "../envs/student.yaml"
+        threads: config["student"]["threads"]
+        resources:
+            **student_resources("predict"),
+        params:
+            cases=" ".join(student_shard_cases),
+            labels=json.dumps(config["labels"]),
+            postprocess=json.dumps(config["postprocess"]),
+            margin_mm=config["student"]["c2f"]["margin_mm"],
+            amp=config["student"]["c2f"]["amp"],
+            interval=config["eval"]["gpu_sample_interval_s"],
+            device=config["device"],
+        shell:
+            "{PY}.c2f_predict --model {input.model:q} --cases {params.cases}"
+            " --images {input.images:q} --outputs {output.predictions:q}"
+            " --efficiency {output.efficiency:q} --labels {params.labels:q}"
+            " --postprocess {params.postprocess:q} --margin-mm {params.margin_mm}"
+            " --device {params.device} --amp {params.amp} --threads {threads}"
+            " --interval {params.interval} > {log:q} 2>&1"
+
+
+TARGETS["student"] = [
+    res("student", experiment, "model", "model_final.pt")
+    for experiment in C2F_EXPERIMENTS
+] + [path for experiment in C2F_EXPERIMENTS for path in prediction_files(experiment)]
