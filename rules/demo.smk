@@ -19,13 +19,15 @@ if config["demo"]["enabled"]:
             log_path("demo_dataset"),
         benchmark:
             bench_path("demo_dataset")
+        conda:
+            "../envs/base.yaml"
         threads: config["demo"]["threads"]
         resources:
             mem_mb=config["demo"]["mem_mb"],
             runtime=config["demo"]["runtime"],
         params:
             spec=json.dumps({"demo": config["demo"], "labels": config["labels"]}),
-            results=RESULTS,
+            py=PY,
         shell:
-            "{PY}.demo_dataset --spec {params.spec:q} --results {params.results:q}"
+            "{params.py}.demo_dataset --spec {params.spec:q} --dataset-json {output.dataset:q}"
             " --threads {threads} > {log:q} 2>&1"

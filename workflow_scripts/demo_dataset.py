@@ -214,6 +214,15 @@ def make_case(job: tuple[str, str], params: DemoParams, organ_ids: Mapping[str, 
     }
 
 
+def _make_case_pooled(job: tuple[str, str], **kwargs) -> dict | tuple[str, str | None, str]:
+    """:func:`make_case` for a worker process: a CaseError comes back as (case, path, reason), because the
+    exception itself does not survive pickling (its constructor takes three arguments)."""
+    try:
+        return make_case(job, **kwargs)
+    except CaseError as err:
+        return err.case, err.path, err.reason
+
+
 def generate_dataset(demo: Mapping, labels: Sequence[Mapping], results: str, threads: int = 1) -> dict:
     """Write every case of the demo plan under ``results``/demo and then ``dataset.json`` (written last, so its
     presence means the dataset is complete); return the dataset.json content."""
@@ -221,12 +230,14 @@ def generate_dataset(demo: Mapping, labels: Sequence[Mapping], results: str, thr
     organ_ids, lesion_id = flare_ids(labels)
     demo_plan = plan(demo)
     jobs = [*demo_plan.train.items(), *((case, TEST_KIND) for case in demo_plan.test)]
-    worker = partial(make_case, params=params, organ_ids=organ_ids, lesion_id=lesion_id, results=results)
+    kwargs = {"params": params, "organ_ids": organ_ids, "lesion_id": lesion_id, "results": results}
     if threads > 1:
         with ProcessPoolExecutor(max_workers=min(threads, len(jobs))) as pool:
-            records = list(pool.map(worker, jobs))
+            records = list(pool.map(partial(_make_case_pooled, **kwargs), jobs))
+        for failed in (r for r in records if isinstance(r, tuple)):
+            raise CaseError(*failed)
     else:
-        records = [worker(job) for job in jobs]
+        records = [make_case(job, **kwargs) for job in jobs]
     train = [r for r in records if r["kind"] != TEST_KIND]
     dataset = {
         "name": "FLARE23-like synthetic demo",
@@ -247,12 +258,16 @@ def generate_dataset(demo: Mapping, labels: Sequence[Mapping], results: str, thr
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spec", required=True, help='JSON {"demo": <config demo>, "labels": <config labels>}')
-    parser.add_argument("--results", required=True, help="results folder; the dataset goes to <results>/demo")
+    parser.add_argument("--dataset-json", required=True,
+                        help="<results>/demo/dataset.json; the dataset is written around it in the demo layout")
     parser.add_argument("--threads", type=int, default=1, help="worker processes (one case each at a time)")
     args = parser.parse_args(argv)
+    results = str(Path(args.dataset_json).parent.parent)
+    if Path(dataset_json_path(results)) != Path(args.dataset_json):
+        parser.error(f"--dataset-json must be <results>/demo/dataset.json, got {args.dataset_json}")
     spec = json.loads(args.spec)
     start = time.perf_counter()
-    dataset = generate_dataset(spec["demo"], spec["labels"], args.results, args.threads)
+    dataset = generate_dataset(spec["demo"], spec["labels"], results, args.threads)
     for record in dataset["cases"]:
         print(f"{record['case']}\t{record['kind']}\tshape {record['shape_zyx']}\tspacing {record['spacing_zyx']}"
               f"\tlesions {record['lesions']}\tannotated {record['annotated']}\t{record['seconds']} s")
