@@ -27,6 +27,7 @@ from workflow_scripts.merge import (
     merged_dtype,
     settings_from_config,
     summary_table,
+    value_counts,
 )
 from workflow_scripts.volume_io import CaseError
 
@@ -75,7 +76,7 @@ def paper_rule(weak: np.ndarray, pseudo: np.ndarray, confidence: np.ndarray, con
     return merged
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(merge_inputs())
 def test_every_annotated_voxel_is_preserved(inputs) -> None:
     weak, pseudo, confidence, config = inputs
@@ -84,7 +85,7 @@ def test_every_annotated_voxel_is_preserved(inputs) -> None:
     np.testing.assert_array_equal(merged[annotated], weak[annotated])
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(merge_inputs())
 def test_classes_present_in_weak_label_gain_no_voxels(inputs) -> None:
     weak, pseudo, confidence, config = inputs
@@ -93,7 +94,7 @@ def test_classes_present_in_weak_label_gain_no_voxels(inputs) -> None:
         assert np.count_nonzero(merged == cls) == np.count_nonzero(weak == cls)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(merge_inputs())
 def test_output_only_contains_allowed_labels(inputs) -> None:
     weak, pseudo, confidence, config = inputs
@@ -104,7 +105,7 @@ def test_output_only_contains_allowed_labels(inputs) -> None:
     assert set(np.unique(merged[weak == 0]).tolist()) <= {0, config.ignore, *config.fill_classes}
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(merge_inputs())
 def test_shape_and_type_are_kept_and_result_matches_the_paper_rule(inputs) -> None:
     weak, pseudo, confidence, config = inputs
@@ -131,6 +132,18 @@ def test_low_confidence_voxels_become_ignore_or_background(inputs) -> None:
     np.testing.assert_array_equal(result.merged[candidate & ~low], pseudo[candidate & ~low])
     if config.low_confidence_as == "background":
         assert not np.any(result.merged == config.ignore)
+    low_per_class = np.bincount(pseudo[low], minlength=IGNORE)
+    np.testing.assert_array_equal(result.low_confidence, low_per_class)
+    np.testing.assert_array_equal(result.ignored, low_per_class if config.low_confidence_as == "ignore" else 0)
+
+
+@settings(max_examples=100, deadline=None)
+@given(values=arrays(np.uint16, st.integers(0, 60), elements=st.integers(0, 40)), n_values=st.integers(1, 20),
+       chunk=st.integers(1, 16))
+def test_chunked_counting_equals_bincount(values, n_values, chunk) -> None:
+    counts = value_counts(values, n_values, chunk=chunk)
+    expected = np.bincount(values, minlength=n_values)
+    np.testing.assert_array_equal(counts, expected)
 
 
 def test_a_lesion_is_never_overwritten_by_a_pseudo_organ() -> None:
@@ -251,7 +264,7 @@ def test_cli_merges_and_keeps_the_geometry_bit_for_bit(tmp_path: Path) -> None:
 
     table = pd.read_csv(out / "case_01.tsv", sep="\t")
     assert list(table.columns) == ["class_id", "name", "annotated", "pseudo_voxels", "filled_voxels", "filled_ml",
-                                   "ignored_voxels"]
+                                   "low_confidence_voxels", "ignored_voxels"]
     assert list(table["class_id"]) == list(LABEL_IDS)
     assert table.set_index("class_id").loc[[2, 6], "annotated"].all()
     assert table.set_index("class_id").loc[2, "filled_voxels"] == 0
@@ -337,6 +350,15 @@ def test_geometry_mismatch_names_case_and_both_files_and_writes_nothing(tmp_path
     assert not out.exists() or not any(out.iterdir())
 
 
+def test_geometry_tolerances_come_from_the_command_line(tmp_path: Path) -> None:
+    weak, pseudo, confidence = random_case(7)
+    shifted = (ORIGIN[0] + 0.005, *ORIGIN[1:])  # 5 µm: within the default 0.01 mm
+    files = case_files(tmp_path, weak, pseudo, confidence, origin=shifted)
+    assert main(cli_args(files, tmp_path / "default")) == 0
+    with pytest.raises(CaseError, match="origin"):
+        main(cli_args(files, tmp_path / "strict", "--origin-tolerance-mm", "0.001"))
+
+
 def test_shape_mismatch_is_a_geometry_error(tmp_path: Path) -> None:
     weak, pseudo, confidence = random_case(4)
     files = case_files(tmp_path, weak[:, :-1], pseudo, confidence)
@@ -389,6 +411,7 @@ def test_summary_has_one_row_per_case_with_category_fills_and_ignored(tmp_path: 
     assert summary.loc["weak_a", "filled_Organ3"] == weak_table.loc[weak_table["class_id"] == 3, "filled_voxels"].item()
     assert summary.loc["weak_a", "filled_total"] == weak_table["filled_voxels"].sum() > 0
     assert summary.loc["weak_a", "ignored_voxels"] == weak_table["ignored_voxels"].sum() > 0
+    assert summary.loc["weak_a", "low_confidence_voxels"] == summary.loc["weak_a", "ignored_voxels"]
     assert summary.loc["strong_b", "filled_total"] == 0
     assert summary.loc["weak_a", "annotated_classes"] == "2,6"
 
