@@ -20,18 +20,12 @@ if config["eval"]["rank_experiment"] not in EVAL_EXPERIMENTS:
     )
 
 
-def eval_file(experiment, name):
-    return res("eval", experiment, name)
-
-
-def geometry_tolerance_args():
-    """The QC stage's geometry tolerances: a prediction must sit on the ground truth's grid within them."""
-    qc = config["qc"]
-    return (
-        f"--spacing-tolerance {qc['spacing_tolerance']}"
-        f" --origin-tolerance-mm {qc['origin_tolerance_mm']}"
-        f" --direction-tolerance {qc['direction_tolerance']}"
-    )
+# The QC stage's geometry tolerances: a prediction must sit on the ground truth's grid within them.
+GEOMETRY_TOLERANCE_ARGS = (
+    f"--spacing-tolerance {config['qc']['spacing_tolerance']}"
+    f" --origin-tolerance-mm {config['qc']['origin_tolerance_mm']}"
+    f" --direction-tolerance {config['qc']['direction_tolerance']}"
+)
 
 
 rule evaluate_experiment:
@@ -39,9 +33,9 @@ rule evaluate_experiment:
         gt=[TEST[case]["label"] for case in TEST_CASES],
         pred=lambda wildcards: prediction_files(wildcards.experiment),
     output:
-        metrics=eval_file("{experiment}", "metrics.tsv"),
+        metrics=res("eval", "{experiment}", "metrics.tsv"),
         summary=report(
-            eval_file("{experiment}", "summary.tsv"),
+            res("eval", "{experiment}", "summary.tsv"),
             category="Evaluation",
             subcategory="{experiment}",
             caption="../report/summary.rst",
@@ -68,7 +62,7 @@ rule evaluate_experiment:
             else ""
         ),
         nsd_zero_below_dsc=config["eval"]["nsd_zero_below_dsc"],
-        tolerances=geometry_tolerance_args(),
+        tolerances=GEOMETRY_TOLERANCE_ARGS,
     shell:
         "{PY}.evaluate --cases {params.cases} --gt {input.gt:q} --pred {input.pred:q}"
         " --labels {params.labels:q} --z-crop-classes {params.z_crop}"
@@ -81,7 +75,7 @@ rule efficiency_experiment:
         lambda wildcards: efficiency_tables(wildcards.experiment),
     output:
         report(
-            eval_file("{experiment}", "efficiency.tsv"),
+            res("eval", "{experiment}", "efficiency.tsv"),
             category="Efficiency",
             subcategory="{experiment}",
             caption="../report/efficiency_table.rst",
@@ -109,7 +103,7 @@ rule efficiency_experiment:
 rule ablation:
     input:
         [
-            eval_file(experiment, "summary.tsv")
+            res("eval", experiment, "summary.tsv")
             for experiment in config["eval"]["ablation"]
         ],
     output:
@@ -137,7 +131,7 @@ rule ablation:
 
 
 TARGETS["eval"] = [
-    eval_file(experiment, name)
+    res("eval", experiment, name)
     for experiment in EVAL_EXPERIMENTS
     for name in ("metrics.tsv", "summary.tsv", "efficiency.tsv")
 ] + [res("eval", "ablation.tsv")]

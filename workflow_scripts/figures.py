@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
+from matplotlib.ticker import MaxNLocator, StrMethodFormatter  # noqa: E402
 
 from .volume_io import CaseError, atomic_path, read_label, read_volume  # noqa: E402
 
@@ -41,7 +42,7 @@ def dsc_boxplots(metrics: Mapping[str, pd.DataFrame], labels: Sequence[Mapping])
     names = [entry["name"] for entry in labels]
     experiments = list(metrics)
     width = 0.8 / len(experiments)
-    figure, axis = plt.subplots(figsize=(max(6.0, 0.7 * len(names) * len(experiments) + 2), 4.5))
+    figure, axis = plt.subplots(figsize=(min(16.0, 2 + 0.3 * len(names) * len(experiments)), 4.5))
     colours = plt.get_cmap("tab10").colors
     for k, (experiment, table) in enumerate(metrics.items()):
         data = [table[f"{name}_DSC"].dropna().to_numpy() for name in names]
@@ -84,6 +85,8 @@ def efficiency_plot(tables: Mapping[str, pd.DataFrame]) -> plt.Figure:
     memory_axis.set(xlabel="image size (million voxels)",
                     ylabel=memory_name.get(kinds.pop(), "peak memory (MB)") if len(kinds) == 1 else "peak memory (MB)")
     for axis in (time_axis, memory_axis):
+        axis.xaxis.set_major_locator(MaxNLocator(5))
+        axis.xaxis.set_major_formatter(StrMethodFormatter("{x:.3g}"))
         axis.grid(alpha=0.3)
         axis.legend(fontsize="small")
     figure.tight_layout()
