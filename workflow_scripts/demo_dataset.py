@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -180,12 +181,13 @@ def generate_case(case: str, kind: str, params: DemoParams, organ_ids: Mapping[s
 def case_files(results: str, case: str, kind: str) -> dict[str, str]:
     """Where a case's files go (the layout common.smk expects); unlabeled cases have no label file."""
     layout = demo_layout(results)
+    image, label = case + layout["image_suffix"], case + layout["label_suffix"]
     if kind == TEST_KIND:
-        return {"image": f"{layout['test_images']}/{case}{layout['image_suffix']}",
-                "label": f"{layout['test_labels']}/{case}{layout['label_suffix']}"}
-    files = {"image": f"{layout['images']}/{case}{layout['image_suffix']}", "truth": truth_path(results, case)}
+        return {"image": os.path.join(layout["test_images"], image),
+                "label": os.path.join(layout["test_labels"], label)}
+    files = {"image": os.path.join(layout["images"], image), "truth": truth_path(results, case)}
     if kind != "unlabeled":
-        files["label"] = f"{layout['labels']}/{case}{layout['label_suffix']}"
+        files["label"] = os.path.join(layout["labels"], label)
     return files
 
 
