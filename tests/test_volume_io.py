@@ -74,6 +74,14 @@ def test_non_3d_and_float_labels_are_rejected(tmp_path: Path) -> None:
         read_label(floats, "c4")
 
 
+def test_case_error_survives_pickling() -> None:
+    import pickle
+
+    error = pickle.loads(pickle.dumps(CaseError("c9", "/x/c9.nii.gz", "broken")))
+    assert (error.case, error.path, error.reason) == ("c9", "/x/c9.nii.gz", "broken")
+    assert str(error) == "case 'c9' (file /x/c9.nii.gz): broken"
+
+
 @pytest.mark.parametrize("bad", ["with space", "a/b", "../up", ".hidden", "tab\tid", ""])
 def test_bad_case_ids_are_rejected(bad: str) -> None:
     with pytest.raises(CaseError, match="invalid case id"):

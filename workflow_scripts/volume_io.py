@@ -30,6 +30,10 @@ class CaseError(Exception):
         where = f" (file {self.path})" if self.path else ""
         super().__init__(f"case {case!r}{where}: {reason}")
 
+    def __reduce__(self):
+        """Rebuild from the three fields, so the error survives process pools (pickling)."""
+        return (type(self), (self.case, self.path, self.reason))
+
 
 def validate_case_id(case: str, path: str | os.PathLike | None = None) -> str:
     """Reject ids that would break paths or wildcards (separators, whitespace, leading dots)."""
