@@ -144,3 +144,26 @@ def efficiency_tables(experiment):
 
 # The label map as the stage CLIs take it (--label-map ID:NAME:KIND ...).
 LABEL_MAP_ARG = " ".join(f"{i}:{e['name']}:{e['kind']}" for i, e in LABELS.items())
+
+
+# Merged labels (rules/merge.smk), also what the student stages train on.
+def merged_label_cases():
+    """Cases that get a merged label: strong, weak and, with pseudo.include_unlabeled, unlabeled."""
+    unlabeled = ["unlabeled"] if config["pseudo"]["include_unlabeled"] else []
+    return cases_by_category("strong", "weak", *unlabeled)
+
+
+def merged_label_files(wildcards=None):
+    """Input function: the merged label of every case that has one."""
+    return [res("merged", f"{case}.nii.gz") for case in merged_label_cases()]
+
+
+def training_label(case, source):
+    """The label a student trains on: the merged label (source "merged") or the raw label as annotated ("raw")."""
+    if source == "merged":
+        return res("merged", f"{case}.nii.gz")
+    if source == "raw" and TRAIN[case]["label"] is not None:
+        return TRAIN[case]["label"]
+    if source == "raw":
+        raise ValueError(f"case {case!r} is unlabeled: it has no raw label")
+    raise ValueError(f"label source must be 'merged' or 'raw', got {source!r}")

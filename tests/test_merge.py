@@ -22,9 +22,11 @@ from workflow_scripts.merge import (
     MergeSettings,
     case_table,
     ignore_label,
+    input_flags,
     main,
     merge_labels,
     merged_dtype,
+    rule_inputs,
     settings_from_config,
     summary_table,
     value_counts,
@@ -202,6 +204,20 @@ def test_settings_reject_inconsistent_values() -> None:
         settings_from_config(LABELS, [1, 8], 0.0, "background")
     with pytest.raises(ValueError, match="low_confidence_as"):
         settings_from_config(LABELS, [1], 0.0, "zero")
+
+
+def test_rule_inputs_per_category() -> None:
+    strong, merged = ["s1"], ["s1", "w1", "u1"]
+    assert rule_inputs("s1", strong, merged, "raw/s1.nii.gz", "res/pseudo") == {"weak": "raw/s1.nii.gz"}
+    assert rule_inputs("w1", strong, merged, "raw/w1.nii.gz", "res/pseudo") == {
+        "pseudo": "res/pseudo/w1.nii.gz", "confidence": "res/pseudo/w1_confidence.nii.gz", "weak": "raw/w1.nii.gz"}
+    assert "weak" not in rule_inputs("u1", strong, merged, None, "res/pseudo")
+    with pytest.raises(ValueError, match="include_unlabeled"):
+        rule_inputs("u1", strong, ["s1", "w1"], None, "res/pseudo")
+
+
+def test_input_flags_are_shell_quoted() -> None:
+    assert input_flags([("weak", "a b/x.nii.gz"), ("pseudo", "p.nii.gz")]) == "--weak 'a b/x.nii.gz' --pseudo p.nii.gz"
 
 
 # --- files and CLI ---------------------------------------------------------------------------------------------
@@ -431,6 +447,16 @@ checkpoint split:
     input: "split_source.tsv"
     output: split=res("split", "split.tsv")
     shell: "cp {{input}} {{output.split}}"
+
+# stands in for a student stage: what merged_label_files() and training_label() hand it
+rule training_labels:
+    input: merged_label_files
+    output: "training_labels.json"
+    run:
+        import json
+        labels = {{case: training_label(case, "merged") for case in merged_label_cases()}}
+        raw = {{case: training_label(case, "raw") for case in merged_label_cases() if TRAIN[case]["label"]}}
+        json.dump({{"inputs": list(input), "merged": labels, "raw": raw}}, open(output[0], "w"))
 """
 
 
@@ -451,7 +477,8 @@ def harness(tmp_path: Path, merge: dict, include_unlabeled: bool) -> None:
 def snakemake(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "PYTHONPATH": str(REPO), "HOME": str(tmp_path)}
     proc = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", "--directory", str(tmp_path),
-                           "--snakefile", str(tmp_path / "Snakefile"), *args, "results/merged/summary.tsv"],
+                           "--snakefile", str(tmp_path / "Snakefile"), *args, "results/merged/summary.tsv",
+                           "training_labels.json"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc
@@ -492,6 +519,10 @@ def test_merge_rules_build_every_category_and_rerun_on_merge_params(tmp_path: Pa
     assert summary.loc["w1", "filled_Spleen"] == np.count_nonzero((weak == 0) & (pseudo["w1"] == 2)) > 0
     assert (tmp_path / "logs" / "merge_case" / "w1.log").read_text().startswith("case w1:")
     assert (tmp_path / "benchmarks" / "merge_case" / "w1.tsv").exists()
+    handed = json.loads((tmp_path / "training_labels.json").read_text())
+    assert handed["merged"] == {"s1": "results/merged/s1.nii.gz", "w1": "results/merged/w1.nii.gz"}
+    assert handed["inputs"] == list(handed["merged"].values())
+    assert handed["raw"] == {case: str(tmp_path / "data" / "labels" / f"{case}.nii.gz") for case in ("s1", "w1")}
 
     # a changed merge parameter reruns the merge jobs (params trigger) but nothing upstream
     harness(tmp_path, {"min_confidence": 0.5, "low_confidence_as": "ignore"}, include_unlabeled=True)
@@ -509,3 +540,6 @@ def test_merge_rules_build_every_category_and_rerun_on_merge_params(tmp_path: Pa
     summary = pd.read_csv(merged_dir / "summary.tsv", sep="\t").set_index("case")
     assert summary["category"].to_dict() == {"s1": "strong", "w1": "weak", "u1": "unlabeled"}
     assert summary.loc["w1", "ignored_voxels"] == np.count_nonzero(candidates & low) > 0
+    handed = json.loads((tmp_path / "training_labels.json").read_text())
+    assert handed["inputs"] == [f"results/merged/{case}.nii.gz" for case in ("s1", "w1", "u1")]
+    assert sorted(handed["raw"]) == ["s1", "w1"]  # an unlabeled case has no raw label

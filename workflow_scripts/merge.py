@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Collection, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -257,6 +258,26 @@ def summary_table(tables: Mapping[str, str], categories: Mapping[str, str]) -> p
         row["annotated_classes"] = ",".join(str(c) for c in table.loc[table["annotated"], "class_id"])
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def rule_inputs(case: str, strong_cases: Collection[str], merged_cases: Collection[str], raw_label: str | None,
+                pseudo_dir: str) -> dict[str, str]:
+    """Named inputs of the merge rule for one case: a strong case needs only its raw label; any other case that
+    gets a merged label needs its pseudo-label and confidence map, plus its raw label when it has one."""
+    if case in strong_cases:
+        return {"weak": raw_label}
+    if case not in merged_cases:
+        raise ValueError(f"case {case!r} gets no merged label (unlabeled, and pseudo.include_unlabeled is false)")
+    inputs = {"pseudo": str(Path(pseudo_dir) / f"{case}.nii.gz"),
+              "confidence": str(Path(pseudo_dir) / f"{case}_confidence.nii.gz")}
+    if raw_label is not None:
+        inputs["weak"] = raw_label
+    return inputs
+
+
+def input_flags(named_paths: Iterable[tuple[str, str]]) -> str:
+    """Command-line flags (``--weak PATH`` ...) for whichever inputs a case has, shell-quoted."""
+    return " ".join(f"--{name} {shlex.quote(str(path))}" for name, path in named_paths)
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
