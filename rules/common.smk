@@ -15,11 +15,17 @@ RESULTS = config["results"]
 LABELS = {entry["id"]: entry for entry in config["labels"]}
 ORGANS = [i for i, entry in LABELS.items() if entry["kind"] == "organ"]
 LESIONS = [i for i, entry in LABELS.items() if entry["kind"] == "lesion"]
-# Every script runs as `python -m workflow_scripts.<module>` with the workflow folder on the path, so rules work
-# from any working directory. Without --use-conda that is the interpreter running Snakemake (the project venv, also
-# inside cluster jobs); with it, the `python` of the rule's conda environment.
-PYTHON = "python" if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method else sys.executable
-PY = f"PYTHONPATH={workflow.basedir}${{PYTHONPATH:+:$PYTHONPATH}} {PYTHON} -m workflow_scripts"
+# Every script runs as `python -m workflow_scripts.<module>`: the workflow folder goes on PYTHONPATH so rules work
+# from any working directory, and without --use-conda `python` is the interpreter running Snakemake (the project
+# venv, also inside cluster jobs, which inherit this environment); with --use-conda it is the rule environment's.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (workflow.basedir, os.environ.get("PYTHONPATH")) if p
+)
+if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
+    os.environ["PATH"] = os.pathsep.join(
+        [os.path.dirname(sys.executable), os.environ.get("PATH", "")]
+    )
+PY = "python -m workflow_scripts"
 
 
 def res(*parts):
