@@ -4,57 +4,28 @@
 
 import json
 
-from workflow_scripts.c2f_train import TrainingCase, write_manifest
 from workflow_scripts.merge import ignore_label
 
-C2F_EXPERIMENTS = [
-    name
+# experiment -> label source ("merged" / "raw") of every c2f experiment
+C2F_LABELS = {
+    name: experiment["labels"]
     for name, experiment in config["student"]["experiments"].items()
     if experiment.get("model", "c2f") == "c2f"
-]
+}
+C2F_EXPERIMENTS = list(C2F_LABELS)
 # restricts the student rules' {experiment} wildcard so they never compete with the nnU-Net student's rules
 C2F_PATTERN = "|".join(C2F_EXPERIMENTS) or "(?!)"
 
 
-def student_training_cases(wildcards):
-    """Every labelled accepted case, with the label its experiment trains on."""
-    source = config["student"]["experiments"][wildcards.experiment]["labels"]
-    return [
-        TrainingCase(case, TRAIN[case]["image"], training_label(case, source))
-        for case in cases_by_category("strong", "weak")
-    ]
-
-
-def student_training_inputs(wildcards):
-    cases = student_training_cases(wildcards)
-    return {
-        "images": [c.image for c in cases],
-        "labels": [c.label for c in cases],
-    }
-
-
-def write_student_manifest(wildcards, path, log):
-    """The training-case table. A file rather than command-line arguments: thousands of training cases would
-    exceed the shell's argument limit."""
-    cases = student_training_cases(wildcards)
-    write_manifest(path, cases)
-    with open(log, "w") as handle:
-        print(f"{len(cases)} training cases", file=handle)
-
-
-def student_resources(kind):
-    """mem_mb / runtime of training or prediction jobs; gpu=1 when the configured device is CUDA."""
-    prefix = "" if kind == "train" else "predict_"
-    return {
-        "mem_mb": config["student"][f"{prefix}mem_mb"],
-        "runtime": config["student"][f"{prefix}runtime"],
-        "gpu": int(config["device"] == "cuda"),
-    }
-
-
 rule student_manifest:
     input:
-        unpack(student_training_inputs),
+        images=lambda wildcards: [
+            TRAIN[case]["image"] for case in cases_by_category("strong", "weak")
+        ],
+        labels=lambda wildcards: [
+            training_label(case, C2F_LABELS[wildcards.experiment])
+            for case in cases_by_category("strong", "weak")
+        ],
     output:
         res("student", "{experiment}", "train_cases.tsv"),
     log:
@@ -68,12 +39,21 @@ rule student_manifest:
         mem_mb=500,
         runtime=5,
     run:
-        write_student_manifest(wildcards, output[0], log[0])
+        from workflow_scripts.c2f_train import (
+            write_manifest,
+        )  # torch: imported by the job, not at parse time
+
+        write_manifest(
+            output[0],
+            cases_by_category("strong", "weak"),
+            input.images,
+            input.labels,
+            log[0],
+        )
 
 
 rule student_train:
     input:
-        unpack(student_training_inputs),
         manifest=res("student", "{experiment}", "train_cases.tsv"),
     output:
         model=res("student", "{experiment}", "model", "model_final.pt"),
@@ -88,15 +68,18 @@ rule student_train:
         "../envs/student.yaml"
     threads: config["student"]["threads"]
     resources:
-        **student_resources("train"),
+        mem_mb=config["student"]["mem_mb"],
+        runtime=config["student"]["runtime"],
+        gpu=int(config["device"] == "cuda"),
     params:
+        py=PY,
         c2f=json.dumps(config["student"]["c2f"]),
         label_ids=" ".join(str(i) for i in LABELS),
         ignore=ignore_label(config["labels"]),
         work_dir=lambda wildcards: res("student", wildcards.experiment, "checkpoints"),
         device=config["device"],
     shell:
-        "{PY}.c2f_train --manifest {input.manifest:q} --c2f {params.c2f:q}"
+        "{params.py}.c2f_train --manifest {input.manifest:q} --c2f {params.c2f:q}"
         " --label-ids {params.label_ids} --ignore-label {params.ignore}"
         " --work-dir {params.work_dir:q} --model {output.model:q} --log {output.log:q}"
         " --device {params.device} --threads {threads} > {log:q} 2>&1"
@@ -132,8 +115,11 @@ for student_shard, student_shard_cases in test_shards(
             "../envs/student.yaml"
         threads: config["student"]["threads"]
         resources:
-            **student_resources("predict"),
+            mem_mb=config["student"]["predict_mem_mb"],
+            runtime=config["student"]["predict_runtime"],
+            gpu=int(config["device"] == "cuda"),
         params:
+            py=PY,
             cases=" ".join(student_shard_cases),
             labels=json.dumps(config["labels"]),
             postprocess=json.dumps(config["postprocess"]),
@@ -142,7 +128,7 @@ for student_shard, student_shard_cases in test_shards(
             interval=config["eval"]["gpu_sample_interval_s"],
             device=config["device"],
         shell:
-            "{PY}.c2f_predict --model {input.model:q} --cases {params.cases}"
+            "{params.py}.c2f_predict --model {input.model:q} --cases {params.cases}"
             " --images {input.images:q} --outputs {output.predictions:q}"
             " --efficiency {output.efficiency:q} --labels {params.labels:q}"
             " --postprocess {params.postprocess:q} --margin-mm {params.margin_mm}"

@@ -201,8 +201,11 @@ def test_cli_trains_from_a_manifest(tmp_path) -> None:
 
     case = write_blob_case(tmp_path)
     manifest = tmp_path / "cases.tsv"
-    train_mod.write_manifest(manifest, [case, write_blob_case(tmp_path, "second", seed=1)])
-    assert train_mod.read_manifest(manifest)[0] == case
+    second = write_blob_case(tmp_path, "second", seed=1)
+    train_mod.write_manifest(manifest, [case.case, second.case], [case.image, second.image],
+                             [case.label, second.label], tmp_path / "manifest.log")
+    assert train_mod.read_manifest(manifest) == [case, second]
+    assert (tmp_path / "manifest.log").read_text() == "2 training cases\n"
     c2f = {**TINY_C2F, "epochs": 1, "iterations_per_epoch": 1, "val_fraction": 0.5}
     train_mod.main(["--manifest", str(manifest), "--c2f", json.dumps(c2f), "--label-ids", "1", "2", "3",
                     "--ignore-label", "4", "--work-dir", str(tmp_path / "work"), "--model", str(tmp_path / "m.pt"),
@@ -218,7 +221,7 @@ def test_cli_reports_a_bad_case_by_name(tmp_path) -> None:
     case = write_blob_case(tmp_path)
     Path(case.image).write_bytes(b"not a nifti")
     manifest = tmp_path / "cases.tsv"
-    train_mod.write_manifest(manifest, [case])
+    train_mod.write_manifest(manifest, [case.case], [case.image], [case.label])
     with pytest.raises(SystemExit, match=r"blobs.*blobs_0000\.nii\.gz"):
         train_mod.main(["--manifest", str(manifest), "--c2f", json.dumps(TINY_C2F), "--label-ids", "1", "2", "3",
                         "--work-dir", str(tmp_path / "work"), "--model", str(tmp_path / "m.pt"),

@@ -70,10 +70,14 @@ def read_manifest(path: str | os.PathLike) -> list[TrainingCase]:
     return [TrainingCase(row.case, row.image, row.label) for row in table.itertuples()]
 
 
-def write_manifest(path: str | os.PathLike, cases: Sequence[TrainingCase]) -> None:
+def write_manifest(path: str | os.PathLike, cases: Sequence[str], images: Sequence[str], labels: Sequence[str],
+                   log: str | os.PathLike | None = None) -> None:
+    """Write the training-case table (and a one-line note to ``log``); the three lists are in the same order."""
+    table = pd.DataFrame({"case": list(cases), "image": list(images), "label": list(labels)})
     with atomic_path(path) as tmp:
-        pd.DataFrame([asdict(c) for c in cases], columns=["case", "image", "label"]).to_csv(tmp, sep="\t",
-                                                                                          index=False)
+        table.to_csv(tmp, sep="\t", index=False)
+    if log is not None:
+        Path(log).write_text(f"{len(table)} training cases\n")
 
 
 # --- preparation -------------------------------------------------------------------------------------------------
