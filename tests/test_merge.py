@@ -18,6 +18,7 @@ from hypothesis.extra.numpy import arrays
 
 from conftest import REPO
 from workflow_scripts.merge import (
+    TABLE_COLUMNS,
     LabelValuesError,
     MergeSettings,
     case_table,
@@ -280,7 +281,7 @@ def test_cli_merges_and_keeps_the_geometry_bit_for_bit(tmp_path: Path) -> None:
 
     table = pd.read_csv(out / "case_01.tsv", sep="\t")
     assert list(table.columns) == ["class_id", "name", "annotated", "pseudo_voxels", "filled_voxels", "filled_ml",
-                                   "low_confidence_voxels", "ignored_voxels"]
+                                   "low_confidence_voxels", "ignored_voxels"] == list(TABLE_COLUMNS)
     assert list(table["class_id"]) == list(LABEL_IDS)
     assert table.set_index("class_id").loc[[2, 6], "annotated"].all()
     assert table.set_index("class_id").loc[2, "filled_voxels"] == 0
@@ -428,6 +429,11 @@ def test_summary_has_one_row_per_case_with_category_fills_and_ignored(tmp_path: 
     assert summary.loc["weak_a", "filled_total"] == weak_table["filled_voxels"].sum() > 0
     assert summary.loc["weak_a", "ignored_voxels"] == weak_table["ignored_voxels"].sum() > 0
     assert summary.loc["weak_a", "low_confidence_voxels"] == summary.loc["weak_a", "ignored_voxels"]
+    # a file that is not a merge table (as a stale DAG could hand over) is an error naming it, with no output
+    with pytest.raises(CaseError, match="not a merge table") as err:
+        main(["summary", "--split", str(split), "--tables", str(split), "--output", str(tmp_path / "bad.tsv")])
+    assert err.value.path == str(split)
+    assert not (tmp_path / "bad.tsv").exists()
     assert summary.loc["strong_b", "filled_total"] == 0
     assert summary.loc["weak_a", "annotated_classes"] == "2,6"
 

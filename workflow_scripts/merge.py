@@ -27,6 +27,9 @@ import pandas as pd
 from .volume_io import CaseError, Geometry, read_label, write_text, write_volume
 
 LOW_CONFIDENCE_AS = ("background", "ignore")
+# columns of the per-case table written by case_table (the summary checks its inputs against them)
+TABLE_COLUMNS = ("class_id", "name", "annotated", "pseudo_voxels", "filled_voxels", "filled_ml",
+                 "low_confidence_voxels", "ignored_voxels")
 
 
 def ignore_label(labels_config: Sequence[Mapping]) -> int:
@@ -249,6 +252,11 @@ def summary_table(tables: Mapping[str, str], categories: Mapping[str, str]) -> p
     rows = []
     for case, path in tables.items():
         table = pd.read_csv(path, sep="\t")
+        missing = sorted(set(TABLE_COLUMNS) - set(table.columns))
+        if missing:
+            raise CaseError(case, path, f"not a merge table: columns {missing} missing")
+        if case not in categories:
+            raise CaseError(case, path, "case is not in the split table")
         row = {"case": case, "category": categories[case]}
         row.update({f"filled_{name}": int(v) for name, v in zip(table["name"], table["filled_voxels"])})
         row["filled_total"] = int(table["filled_voxels"].sum())
