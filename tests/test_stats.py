@@ -151,3 +151,12 @@ def test_aggregate_tables_summary_histogram_and_figures(tmp_path: Path) -> None:
     assert pd.read_csv(out / "label_stats.tsv", sep="\t").shape == (17, len(stats.CASE_COLUMNS))
     for png in ("counts.png", "presence.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_aggregate_without_labelled_cases_still_writes_tables_and_figures(tmp_path: Path) -> None:
+    """With qc.on_error=skip every labelled case may be rejected; the split then reports the real problem."""
+    args = ["aggregate", "--label-map", *LABEL_MAP_ARGS, "--table", str(tmp_path / "t.tsv"), "--summary",
+            str(tmp_path / "s.tsv"), "--counts-png", str(tmp_path / "c.png"), "--presence-png", str(tmp_path / "p.png")]
+    assert stats.main(args) == 0
+    assert pd.read_csv(tmp_path / "t.tsv", sep="\t").empty
+    assert pd.read_csv(tmp_path / "s.tsv", sep="\t")["cases"].tolist() == [0] * 14

@@ -181,7 +181,9 @@ def _case_command(args: argparse.Namespace) -> int:
 
 def _aggregate_command(args: argparse.Namespace) -> int:
     classes = parse_label_map(args.label_map)
-    tables = {Path(path).name.removesuffix(".tsv"): pd.read_csv(path, sep="\t") for path in args.tables}
+    # keep_default_na=False: a class may be named like a missing-value marker ("NA")
+    tables = {Path(path).name.removesuffix(".tsv"): pd.read_csv(path, sep="\t", keep_default_na=False)
+              for path in args.tables}
     long, summary, histogram = aggregate(tables, classes)
     write_table(args.table, long)
     write_table(args.summary, summary)
@@ -209,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     agg.add_argument("--summary", required=True)
     agg.add_argument("--counts-png", required=True)
     agg.add_argument("--presence-png", required=True)
-    agg.add_argument("tables", nargs="+", help="per-case tables named <case>.tsv")
+    agg.add_argument("tables", nargs="*", help="per-case tables named <case>.tsv (none when no case is labelled)")
     agg.set_defaults(run=_aggregate_command)
     args = parser.parse_args(argv)
     try:
