@@ -225,6 +225,15 @@ def test_independent_problems_are_all_reported(tmp_path: Path) -> None:
     assert [p["file"] for p in record["problems"]] == [str(image), str(label), str(label)]
 
 
+def test_image_problems_are_kept_when_the_label_is_unusable(tmp_path: Path) -> None:
+    bad_nan_image(tmp_path, "c")
+    image, label = paths(tmp_path, "c")
+    write(label, block_label([1]).astype(np.float32) * 0.5)
+    _, problems = qc.check_case("c", str(image), str(label), LABEL_IDS, qc.Tolerances())
+    assert [p.path for p in problems] == [str(image), str(label)]
+    assert "NaN" in problems[0].reason and "integer voxel type" in problems[1].reason
+
+
 def test_missing_file_is_rejected(tmp_path: Path) -> None:
     image, label = paths(tmp_path, "c")
     _, problems = qc.check_case("c", str(image), str(label), LABEL_IDS, qc.Tolerances())

@@ -149,14 +149,16 @@ def check_case(
     ones (non-finite intensities, geometry, label values) are all collected so one run reports them together.
     """
     record: dict = {"case": case, "has_label": label is not None, "image": None, "label": None}
+    problems: list[CaseError] = []
     try:
         validate_case_id(case, image)
-        record["image"], geometry, problems = _check_image(case, image)
+        record["image"], geometry, image_problems = _check_image(case, image)
+        problems += image_problems
         if label is not None:
             record["label"], label_problems = _check_label(case, label, geometry, label_ids, tolerances)
             problems += label_problems
     except CaseError as err:
-        problems = [err]
+        problems.append(err)
     record["status"] = "rejected" if problems else "ok"
     record["reasons"] = [err.reason for err in problems]
     record["problems"] = [{"file": err.path, "reason": err.reason} for err in problems]
