@@ -26,6 +26,7 @@ rule qc_case:
         mem_mb=config["qc"]["mem_mb"],
         runtime=config["qc"]["runtime"],
     params:
+        py=PY,
         label=qc_label_arg,
         label_map=LABEL_MAP_ARG,
         on_error=config["qc"]["on_error"],
@@ -33,7 +34,7 @@ rule qc_case:
         origin_tolerance_mm=config["qc"]["origin_tolerance_mm"],
         direction_tolerance=config["qc"]["direction_tolerance"],
     shell:
-        "{PY}.qc case --case {wildcards.case} --image {input.image:q} {params.label}"
+        "{params.py}.qc case --case {wildcards.case} --image {input.image:q} {params.label}"
         " --label-map {params.label_map} --on-error {params.on_error}"
         " --spacing-tolerance {params.spacing_tolerance}"
         " --origin-tolerance-mm {params.origin_tolerance_mm}"
@@ -57,8 +58,10 @@ checkpoint qc_summary:
     resources:
         mem_mb=config["qc"]["mem_mb"],
         runtime=config["qc"]["runtime"],
+    params:
+        py=PY,
     shell:
-        "{PY}.qc summary --accepted {output.accepted:q} --rejected {output.rejected:q}"
+        "{params.py}.qc summary --accepted {output.accepted:q} --rejected {output.rejected:q}"
         " {input:q} > {log:q} 2>&1"
 
 

@@ -18,10 +18,11 @@ checkpoint split:
         mem_mb=config["split"]["mem_mb"],
         runtime=config["split"]["runtime"],
     params:
+        py=PY,
         strong_requires=config["split"]["strong_requires"],
         label_map=LABEL_MAP_ARG,
     shell:
-        "{PY}.split --accepted {input.accepted:q} --label-stats {input.label_stats:q}"
+        "{params.py}.split --accepted {input.accepted:q} --label-stats {input.label_stats:q}"
         " --strong-requires {params.strong_requires} --label-map {params.label_map}"
         " --output {output.split:q} > {log:q} 2>&1"
 

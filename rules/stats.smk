@@ -24,10 +24,11 @@ rule stats_case:
         mem_mb=config["stats"]["mem_mb"],
         runtime=config["stats"]["runtime"],
     params:
+        py=PY,
         label_map=LABEL_MAP_ARG,
         connectivity=config["stats"]["connectivity"],
     shell:
-        "{PY}.stats case --case {wildcards.case} --label {input.label:q} --qc {input.qc:q}"
+        "{params.py}.stats case --case {wildcards.case} --label {input.label:q} --qc {input.qc:q}"
         " --label-map {params.label_map} --connectivity {params.connectivity}"
         " --output {output:q} > {log:q} 2>&1"
 
@@ -61,9 +62,10 @@ rule stats_aggregate:
         mem_mb=config["stats"]["mem_mb"],
         runtime=config["stats"]["runtime"],
     params:
+        py=PY,
         label_map=LABEL_MAP_ARG,
     shell:
-        "{PY}.stats aggregate --label-map {params.label_map} --table {output.table:q}"
+        "{params.py}.stats aggregate --label-map {params.label_map} --table {output.table:q}"
         " --summary {output.summary:q} --counts-png {output.counts:q}"
         " --presence-png {output.presence:q} {input:q} > {log:q} 2>&1"
 
