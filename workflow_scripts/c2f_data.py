@@ -46,8 +46,12 @@ def resize_image(volume: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 
 
 def resize_labels(labels: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Nearest-neighbour resize of a (Z, Y, X) label volume: labels must never be blended into other ids."""
-    resized = F.interpolate(labels[None, None].float(), size=tuple(size), mode="nearest-exact")[0, 0]
+    """Nearest-neighbour resize of a (Z, Y, X) label volume: labels must never be blended into other ids.
+
+    On CUDA the values travel as float16 (exact for ids up to 2048) to halve the memory of full-size label maps.
+    """
+    carrier = torch.float16 if labels.is_cuda else torch.float32
+    resized = F.interpolate(labels[None, None].to(carrier), size=tuple(size), mode="nearest-exact")[0, 0]
     return resized.to(labels.dtype)
 
 

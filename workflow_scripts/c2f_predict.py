@@ -46,10 +46,10 @@ class Student:
         spec, coarse, fine = load_model(path, device)
         return cls(spec, coarse, fine, torch.device(device), amp)
 
-    def run(self, net: EfficientSegNet, volume: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-        """Class-index map (uint8, at ``size``) of ``net`` on a raw-intensity volume."""
+    def classify(self, net: EfficientSegNet, net_input: torch.Tensor) -> torch.Tensor:
+        """Class-index map (uint8) of ``net`` on a (1, 1, Z, Y, X) input from :func:`c2f_data.model_input`."""
         with autocast(self.device, self.amp):
-            logits = net(data.model_input(volume, self.spec.window, size))
+            logits = net(net_input)
         return logits.argmax(1)[0].to(torch.uint8)
 
 
@@ -72,7 +72,8 @@ def coarse_box(student: Student, volume: torch.Tensor, spacing_zyx: Sequence[flo
     island cannot stretch the box across the body.
     """
     shape = tuple(volume.shape)
-    indices = student.run(student.coarse, volume, student.spec.coarse_size).cpu().numpy()
+    net_input = data.model_input(volume, student.spec.window, student.spec.coarse_size)
+    indices = student.classify(student.coarse, net_input).cpu().numpy()
     coarse_spacing = [s * n / c for s, n, c in zip(spacing_zyx, shape, student.spec.coarse_size)]
     labels = clean_components(to_label_ids(indices, student.spec.class_ids), coarse_spacing, rules)
     box = data.foreground_box(labels)
@@ -95,7 +96,9 @@ def segment(student: Student, volume: np.ndarray, spacing_zyx: Sequence[float], 
     shape = tuple(device_volume.shape)
     box = coarse_box(student, device_volume, spacing_zyx, margin_mm, rules)
     fine_box = box or data.whole_box(shape)
-    crop_indices = student.run(student.fine, device_volume[fine_box], student.spec.fine_size)
+    net_input = data.model_input(device_volume[fine_box], student.spec.window, student.spec.fine_size)
+    del device_volume  # the fine network's full-resolution activations need the room
+    crop_indices = student.classify(student.fine, net_input)
     crop_indices = data.resize_labels(crop_indices, data.box_shape(fine_box))
     indices = data.uncrop(crop_indices, fine_box, shape).cpu().numpy()
     labels = clean_components(to_label_ids(indices, student.spec.class_ids), spacing_zyx, rules)
