@@ -54,6 +54,7 @@ rule evaluate_experiment:
         mem_mb=config["eval"]["mem_mb"],
         runtime=config["eval"]["runtime"],
     params:
+        py=PY,
         cases=" ".join(TEST_CASES),
         labels=json.dumps(config["labels"]),
         z_crop=(
@@ -64,7 +65,7 @@ rule evaluate_experiment:
         nsd_zero_below_dsc=config["eval"]["nsd_zero_below_dsc"],
         tolerances=GEOMETRY_TOLERANCE_ARGS,
     shell:
-        "{PY}.evaluate --cases {params.cases} --gt {input.gt:q} --pred {input.pred:q}"
+        "{params.py}.evaluate --cases {params.cases} --gt {input.gt:q} --pred {input.pred:q}"
         " --labels {params.labels:q} --z-crop-classes {params.z_crop}"
         " --nsd-zero-below-dsc {params.nsd_zero_below_dsc} {params.tolerances} --jobs {threads}"
         " --metrics {output.metrics:q} --summary {output.summary:q} > {log:q} 2>&1"
@@ -94,9 +95,10 @@ rule efficiency_experiment:
         mem_mb=config["eval"]["mem_mb"],
         runtime=config["eval"]["runtime"],
     params:
+        py=PY,
         cases=" ".join(TEST_CASES),
     shell:
-        "{PY}.efficiency_report --tables {input:q} --cases {params.cases}"
+        "{params.py}.efficiency_report --tables {input:q} --cases {params.cases}"
         " --output {output:q} > {log:q} 2>&1"
 
 
@@ -124,9 +126,10 @@ rule ablation:
         mem_mb=config["eval"]["mem_mb"],
         runtime=config["eval"]["runtime"],
     params:
+        py=PY,
         experiments=" ".join(config["eval"]["ablation"]),
     shell:
-        "{PY}.ablation --experiments {params.experiments} --summaries {input:q}"
+        "{params.py}.ablation --experiments {params.experiments} --summaries {input:q}"
         " --output {output:q} > {log:q} 2>&1"
 
 

@@ -25,11 +25,12 @@ rule figure_dsc_boxplots:
         mem_mb=config["eval"]["mem_mb"],
         runtime=config["eval"]["runtime"],
     params:
+        py=PY,
         dpi=config["eval"]["figure_dpi"],
         experiments=" ".join(EVAL_EXPERIMENTS),
         labels=json.dumps(config["labels"]),
     shell:
-        "{PY}.figures --dpi {params.dpi} boxplots --experiments {params.experiments} --metrics {input:q}"
+        "{params.py}.figures --dpi {params.dpi} boxplots --experiments {params.experiments} --metrics {input:q}"
         " --labels {params.labels:q} --output {output:q} > {log:q} 2>&1"
 
 
@@ -54,10 +55,11 @@ rule figure_efficiency:
         mem_mb=config["eval"]["mem_mb"],
         runtime=config["eval"]["runtime"],
     params:
+        py=PY,
         dpi=config["eval"]["figure_dpi"],
         experiments=" ".join(EVAL_EXPERIMENTS),
     shell:
-        "{PY}.figures --dpi {params.dpi} efficiency --experiments {params.experiments} --tables {input:q}"
+        "{params.py}.figures --dpi {params.dpi} efficiency --experiments {params.experiments} --tables {input:q}"
         " --output {output:q} > {log:q} 2>&1"
 
 
@@ -89,6 +91,7 @@ rule figure_qualitative:
         mem_mb=config["eval"]["mem_mb"],
         runtime=config["eval"]["runtime"],
     params:
+        py=PY,
         dpi=config["eval"]["figure_dpi"],
         cases=" ".join(TEST_CASES),
         labels=json.dumps(config["labels"]),
@@ -96,7 +99,7 @@ rule figure_qualitative:
         pred_dirs=" ".join(prediction_dir(e) for e in OVERLAY_EXPERIMENTS),
         window=" ".join(str(v) for v in config["eval"]["display_window"]),
     shell:
-        "{PY}.figures --dpi {params.dpi} qualitative --rank-metrics {input.rank:q} --labels {params.labels:q}"
+        "{params.py}.figures --dpi {params.dpi} qualitative --rank-metrics {input.rank:q} --labels {params.labels:q}"
         " --cases {params.cases} --images {input.images:q} --gt {input.gt:q}"
         " --experiments {params.experiments} --pred-dirs {params.pred_dirs}"
         " --window {params.window} --output {output:q} > {log:q} 2>&1"

@@ -24,6 +24,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
+from skimage.measure import marching_cubes
 
 # Weight of each voxel of a 2x2x2 neighbourhood in the neighbour code: bit 7 for offset (0, 0, 0) ... bit 0 for
 # (1, 1, 1), the encoding of the reference implementation. Codes 0 and 255 (all outside / all inside) lie on no
@@ -57,8 +58,6 @@ def _unit_surfel_normals() -> tuple[np.ndarray, np.ndarray]:
 
     Kept per triangle (not per code) because anisotropic spacing scales each triangle's normal differently.
     """
-    from skimage.measure import marching_cubes  # imported here: only needed once per process
-
     codes, normals = [], []
     for code in range(1, FULL_CODE):
         inside = (code & CORNER_WEIGHTS) > 0
