@@ -70,16 +70,6 @@ def read_manifest(path: str | os.PathLike) -> list[TrainingCase]:
     return [TrainingCase(row.case, row.image, row.label) for row in table.itertuples()]
 
 
-def write_manifest(path: str | os.PathLike, cases: Sequence[str], images: Sequence[str], labels: Sequence[str],
-                   log: str | os.PathLike | None = None) -> None:
-    """Write the training-case table (and a one-line note to ``log``); the three lists are in the same order."""
-    table = pd.DataFrame({"case": list(cases), "image": list(images), "label": list(labels)})
-    with atomic_path(path) as tmp:
-        table.to_csv(tmp, sep="\t", index=False)
-    if log is not None:
-        Path(log).write_text(f"{len(table)} training cases\n")
-
-
 # --- preparation -------------------------------------------------------------------------------------------------
 
 def cache_key(case: TrainingCase, spec: StudentSpec, train_margin_max_mm: float, ignore_label: int | None) -> str:
