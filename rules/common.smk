@@ -1,6 +1,7 @@
 """Helpers shared by all stages (config derived values, case discovery, artifact paths)."""
 
 import os
+import shlex
 import sys
 
 import pandas as pd
@@ -18,12 +19,16 @@ LESIONS = [i for i, entry in LABELS.items() if entry["kind"] == "lesion"]
 # Every script runs as `python -m workflow_scripts.<module>`: the workflow folder goes on PYTHONPATH so rules work
 # from any working directory, and without --use-conda `python` is the interpreter running Snakemake (the project
 # venv, also inside cluster jobs, which inherit this environment); with --use-conda it is the rule environment's.
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    p for p in (workflow.basedir, os.environ.get("PYTHONPATH")) if p
+os.environ.update(
+    PYTHONPATH=os.pathsep.join(
+        p for p in (workflow.basedir, os.environ.get("PYTHONPATH")) if p
+    )
 )
 if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
-    os.environ["PATH"] = os.pathsep.join(
-        [os.path.dirname(sys.executable), os.environ.get("PATH", "")]
+    os.environ.update(
+        PATH=os.pathsep.join(
+            [os.path.dirname(sys.executable), os.environ.get("PATH", "")]
+        )
     )
 PY = "python -m workflow_scripts"
 
@@ -95,6 +100,17 @@ def accepted_cases():
     """Training cases that passed QC (all of them unless qc.on_error is skip)."""
     table = pd.read_csv(checkpoints.qc_summary.get().output.accepted, sep="\t")
     return list(table["case"])
+
+
+def labelled_accepted_cases():
+    """Accepted training cases that have a label file (known once the QC summary checkpoint has run)."""
+    table = pd.read_csv(checkpoints.qc_summary.get().output.accepted, sep="\t")
+    return list(table.loc[table["has_label"].astype(bool), "case"])
+
+
+def qc_label_arg(wildcards, input):
+    """The --label option of the QC CLI, empty for an unlabeled case."""
+    return f"--label {shlex.quote(input.label)}" if input.label else ""
 
 
 def cases_by_category(*categories):

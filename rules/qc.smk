@@ -1,13 +1,6 @@
 # Ingest / QC: every training case is checked once; a bad one fails the run or, with qc.on_error=skip, is left
 # out of every later stage (listed in results/qc/rejected.tsv).
 
-import shlex
-
-
-def qc_label_arg(wildcards, input):
-    """The --label option of the QC CLI, empty for an unlabeled case."""
-    return f"--label {shlex.quote(input.label)}" if input.label else ""
-
 
 rule qc_case:
     input:

@@ -1,12 +1,6 @@
 # Label statistics (the paper's Fig. 2): per accepted labelled case, then aggregated into tables and figures.
 
 
-def labelled_accepted_cases():
-    """Accepted training cases that have a label file (known once the QC summary checkpoint has run)."""
-    table = pd.read_csv(checkpoints.qc_summary.get().output.accepted, sep="\t")
-    return list(table.loc[table["has_label"].astype(bool), "case"])
-
-
 rule stats_case:
     input:
         label=lambda wildcards: TRAIN[wildcards.case]["label"],
