@@ -1,1 +1,198 @@
-# Rules of the nnU-Net student option (student.experiments[*].model: nnunet).
+# Rules of the nnU-Net student option (student.experiments[*].model: nnunet; workflow_scripts/nnunet_student.py):
+# nnU-Net v2 trained on the merged or raw labels, one model per student.nnunet.batch_sizes entry, and the test-set
+# predictions (no TTA, argmax on the logits, torch resampling; two or more models are a softmax ensemble).
+# Each experiment has its own nnU-Net tree results/student/<experiment>/nnunet/{raw,preprocessed,results} and its
+# own dataset id (student.nnunet.dataset_id + its position among the nnU-Net experiments), named by the {dataset}
+# wildcard, which is constrained to exactly those names.
+
+import json
+
+from workflow_scripts.nnunet_student import (
+    experiment_dataset_ids,
+    student_dataset_name,
+    student_model_folder,
+    uses_ignore_label,
+    write_manifest,
+)
+from workflow_scripts.teacher import custom_plans_identifier, fold_name
+
+NNUNET_STUDENT = config["student"]["nnunet"]
+NNUNET_PLANS = custom_plans_identifier(NNUNET_STUDENT["planner"])
+NNUNET_IDS = experiment_dataset_ids(
+    config["student"]["experiments"], NNUNET_STUDENT["dataset_id"]
+)
+# experiment -> its nnU-Net dataset folder name, e.g. Dataset902_nnunet_b8
+NNUNET_DATASETS = {
+    experiment: student_dataset_name(dataset_id, experiment)
+    for experiment, dataset_id in NNUNET_IDS.items()
+}
+NNUNET_EXPERIMENT_PATTERN = "|".join(NNUNET_DATASETS) or "(?!)"
+NNUNET_DATASET_PATTERN = "|".join(NNUNET_DATASETS.values()) or "(?!)"
+# nnU-Net's own model folder naming (the teacher's), with the wildcards in place of the values
+NNUNET_CHECKPOINT = os.path.join(
+    student_model_folder(
+        res("student", "{experiment}", "nnunet"),
+        "{dataset}",
+        NNUNET_STUDENT["planner"],
+        NNUNET_STUDENT["configuration"],
+        "{batch}",
+    ),
+    fold_name(NNUNET_STUDENT["fold"]),
+    "checkpoint_final.pth",
+)
+
+
+rule student_nnunet_manifest:
+    input:
+        images=lambda wildcards: [
+            TRAIN[case]["image"] for case in cases_by_category("strong", "weak")
+        ],
+        labels=lambda wildcards: [
+            training_label(
+                case, config["student"]["experiments"][wildcards.experiment]["labels"]
+            )
+            for case in cases_by_category("strong", "weak")
+        ],
+    output:
+        res("student", "{experiment}", "nnunet", "train_cases.tsv"),
+    log:
+        log_path("student_nnunet_manifest", "{experiment}"),
+    benchmark:
+        bench_path("student_nnunet_manifest", "{experiment}")
+    wildcard_constraints:
+        experiment=NNUNET_EXPERIMENT_PATTERN,
+    threads: 1
+    resources:
+        mem_mb=config["student"]["predict_mem_mb"],
+        runtime=config["student"]["predict_runtime"],
+    run:
+        # a table, not a command line: thousands of paths would exceed the shell's argument limit
+        write_manifest(
+            output[0],
+            cases_by_category("strong", "weak"),
+            input.images,
+            input.labels,
+        )
+
+
+rule student_nnunet_dataset:
+    input:
+        res("student", "{experiment}", "nnunet", "train_cases.tsv"),
+    output:
+        res("student", "{experiment}", "nnunet", "raw", "{dataset}", "dataset.json"),
+    log:
+        log_path("student_nnunet_dataset", "{experiment}_{dataset}"),
+    benchmark:
+        bench_path("student_nnunet_dataset", "{experiment}_{dataset}")
+    wildcard_constraints:
+        experiment=NNUNET_EXPERIMENT_PATTERN,
+        dataset=NNUNET_DATASET_PATTERN,
+    threads: 1
+    resources:
+        # one label in memory at a time, like a prediction job
+        mem_mb=config["student"]["predict_mem_mb"],
+        runtime=config["student"]["runtime"],
+    params:
+        py=PY,
+        labels=json.dumps(config["labels"]),
+        ignore=lambda wildcards: (
+            "--ignore"
+            if uses_ignore_label(
+                config["student"]["experiments"][wildcards.experiment]["labels"],
+                config["merge"]["low_confidence_as"],
+            )
+            else ""
+        ),
+        out=lambda wildcards, output: os.path.dirname(output[0]),
+    shell:
+        "{params.py}.nnunet_student dataset --manifest {input:q} --labels {params.labels:q}"
+        " {params.ignore} --out {params.out:q} > {log:q} 2>&1"
+
+
+rule student_nnunet_plan:
+    input:
+        res("student", "{experiment}", "nnunet", "raw", "{dataset}", "dataset.json"),
+    output:
+        res(
+            "student",
+            "{experiment}",
+            "nnunet",
+            "preprocessed",
+            "{dataset}",
+            f"{NNUNET_PLANS}.json",
+        ),
+    log:
+        log_path("student_nnunet_plan", "{experiment}_{dataset}"),
+    benchmark:
+        bench_path("student_nnunet_plan", "{experiment}_{dataset}")
+    wildcard_constraints:
+        experiment=NNUNET_EXPERIMENT_PATTERN,
+        dataset=NNUNET_DATASET_PATTERN,
+    threads: config["student"]["threads"]
+    resources:
+        mem_mb=config["student"]["mem_mb"],
+        runtime=config["student"]["runtime"],
+    params:
+        py=PY,
+        root=lambda wildcards: res("student", wildcards.experiment, "nnunet"),
+        dataset_id=lambda wildcards: NNUNET_IDS[wildcards.experiment],
+        planner=NNUNET_STUDENT["planner"],
+        configuration=NNUNET_STUDENT["configuration"],
+        batch_sizes=" ".join(str(b) for b in NNUNET_STUDENT["batch_sizes"]),
+        overrides=" ".join(
+            f"--{key.replace('_', '-')} {' '.join(str(v) for v in NNUNET_STUDENT[key])}"
+            for key in ("patch_size", "features_per_stage")
+            if NNUNET_STUDENT[key] is not None
+        ),
+        schedule=(
+            f"--epochs {NNUNET_STUDENT['epochs']}"
+            f" --iterations-per-epoch {NNUNET_STUDENT['iterations_per_epoch']}"
+            f" --val-iterations {NNUNET_STUDENT['val_iterations']}"
+            f" --checkpoint-every {NNUNET_STUDENT['checkpoint_every']}"
+        ),
+    shell:
+        "{params.py}.nnunet_student plan --root {params.root:q} --dataset-id {params.dataset_id}"
+        " --planner {params.planner} --configuration {params.configuration} --threads {threads}"
+        " --batch-sizes {params.batch_sizes} {params.overrides} {params.schedule}"
+        " --out {output:q} > {log:q} 2>&1"
+
+
+rule student_nnunet_train:
+    input:
+        res(
+            "student",
+            "{experiment}",
+            "nnunet",
+            "preprocessed",
+            "{dataset}",
+            f"{NNUNET_PLANS}.json",
+        ),
+    output:
+        # checkpoint_latest.pth next to it is left undeclared, so a killed job resumes from it
+        NNUNET_CHECKPOINT,
+    log:
+        log_path("student_nnunet_train", "{experiment}_{dataset}_b{batch}"),
+    benchmark:
+        bench_path("student_nnunet_train", "{experiment}_{dataset}_b{batch}")
+    wildcard_constraints:
+        experiment=NNUNET_EXPERIMENT_PATTERN,
+        dataset=NNUNET_DATASET_PATTERN,
+        batch="[0-9]+",
+    threads: config["student"]["threads"]
+    resources:
+        mem_mb=config["student"]["mem_mb"],
+        runtime=config["student"]["runtime"],
+        gpu=int(config["device"] == "cuda"),
+    params:
+        py=PY,
+        root=lambda wildcards: res("student", wildcards.experiment, "nnunet"),
+        dataset_id=lambda wildcards: NNUNET_IDS[wildcards.experiment],
+        planner=NNUNET_STUDENT["planner"],
+        configuration=NNUNET_STUDENT["configuration"],
+        fold=NNUNET_STUDENT["fold"],
+        device=config["device"],
+    shell:
+        "{params.py}.nnunet_student train --root {params.root:q} --dataset-id {params.dataset_id}"
+        " --planner {params.planner} --configuration {params.configuration} --batch-size {wildcards.batch}"
+        " --fold {params.fold} --device {params.device} --threads {threads}"
+        " --expect {output:q} > {log:q} 2>&1"

@@ -96,6 +96,16 @@ def test_dataset_rejects_ignore_values_when_not_declared(tmp_path):
     assert not (tmp_path / "raw" / "Dataset951_x" / "dataset.json").exists()
 
 
+def test_dataset_rebuild_drops_cases_no_longer_listed(tmp_path):
+    cases = [_case(tmp_path / "data", f"c{i}", i, with_ignore=False) for i in range(2)]
+    root = tmp_path / "raw" / "Dataset952_x"
+    ns.build_student_dataset(cases, root, LABELS, with_ignore=False)
+    dataset = ns.build_student_dataset(cases[:1], root, LABELS, with_ignore=False)
+    assert dataset["numTraining"] == 1 and "ignore" not in dataset["labels"]
+    assert sorted(p.name for p in (root / "imagesTr").iterdir()) == ["c0_0000.nii.gz"]
+    assert sorted(p.name for p in (root / "labelsTr").iterdir()) == ["c0.nii.gz"]
+
+
 def test_manifest_round_trip(tmp_path):
     ns.write_manifest(tmp_path / "m.tsv", ["a", "b"], ["ia", "ib"], ["la", "lb"])
     assert ns.read_manifest(tmp_path / "m.tsv") == [ns.TrainingCase("a", "ia", "la"), ns.TrainingCase("b", "ib", "lb")]

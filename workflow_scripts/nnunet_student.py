@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -64,13 +65,14 @@ def student_dataset_name(dataset_id: int, experiment: str) -> str:
     return dataset_name(dataset_id, experiment)
 
 
-def batch_configuration(configuration: str, batch_size: int) -> str:
+def batch_configuration(configuration: str, batch_size: int | str) -> str:
     """Name of the per-batch-size configuration (before the teacher's ``_wf`` suffix)."""
     return f"{configuration}_b{batch_size}"
 
 
-def student_model_folder(root: str | Path, dataset: str, planner: str, configuration: str, batch_size: int) -> Path:
-    """Trained-model folder of the batch-size ``batch_size`` model."""
+def student_model_folder(root: str | Path, dataset: str, planner: str, configuration: str,
+                         batch_size: int | str) -> Path:
+    """Trained-model folder of the batch-size ``batch_size`` model (rule files pass wildcards as the names)."""
     return model_folder(root, dataset, planner, batch_configuration(configuration, batch_size))
 
 
@@ -114,8 +116,18 @@ def read_manifest(path: str | Path) -> list[TrainingCase]:
 
 def build_student_dataset(cases: Sequence[TrainingCase], root: str | Path, labels_config: Sequence[Mapping],
                           with_ignore: bool) -> dict:
-    """The nnU-Net raw dataset of a student experiment (see :func:`dataset_classes`); returns dataset.json."""
+    """The nnU-Net raw dataset of a student experiment (see :func:`dataset_classes`); returns dataset.json.
+
+    The folder is rebuilt from scratch (it holds only symlinks and remapped labels): a case that left the split
+    must not linger, nnU-Net would train on it or fail its integrity check.
+    """
     classes, names = dataset_classes(labels_config, with_ignore)
+    for sub in ("imagesTr", "labelsTr", "dataset.json"):
+        target = Path(root, sub)
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
     return build_dataset(cases, root, classes, names)
 
 
