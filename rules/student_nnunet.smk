@@ -196,3 +196,73 @@ rule student_nnunet_train:
         " --planner {params.planner} --configuration {params.configuration} --batch-size {wildcards.batch}"
         " --fold {params.fold} --device {params.device} --threads {threads}"
         " --expect {output:q} > {log:q} 2>&1"
+
+
+# One prediction job per shard of test cases, as for the c2f student: the models are loaded once per shard and
+# every case still gets its own output file, so each shard is a rule of its own (student_nnunet_predict_<shard>).
+# nnunet_predict averages the softmax of the models (one per batch size), without mirroring TTA.
+for nnunet_shard, nnunet_shard_cases in test_shards(
+    config["student"]["shard_size"]
+).items():
+
+    rule:
+        name:
+            f"student_nnunet_predict_{nnunet_shard}"
+        input:
+            checkpoints=lambda wildcards: expand(
+                NNUNET_CHECKPOINT,
+                experiment=wildcards.experiment,
+                dataset=NNUNET_DATASETS[wildcards.experiment],
+                batch=NNUNET_STUDENT["batch_sizes"],
+            ),
+            images=[TEST[case]["image"] for case in nnunet_shard_cases],
+        output:
+            predictions=[
+                res("student", "{experiment}", "pred", f"{case}.nii.gz")
+                for case in nnunet_shard_cases
+            ],
+            efficiency=res(
+                "student", "{experiment}", "pred", "efficiency", f"{nnunet_shard}.tsv"
+            ),
+        log:
+            log_path("student_nnunet_predict", f"{{experiment}}_{nnunet_shard}"),
+        benchmark:
+            bench_path("student_nnunet_predict", f"{{experiment}}_{nnunet_shard}")
+        wildcard_constraints:
+            experiment=NNUNET_EXPERIMENT_PATTERN,
+        threads: config["student"]["threads"]
+        resources:
+            mem_mb=config["student"]["predict_mem_mb"],
+            runtime=config["student"]["predict_runtime"],
+            gpu=int(config["device"] == "cuda"),
+        params:
+            py=PY,
+            models=lambda wildcards, input: [
+                os.path.dirname(os.path.dirname(c)) for c in input.checkpoints
+            ],
+            fold=NNUNET_STUDENT["fold"],
+            cases=" ".join(nnunet_shard_cases),
+            labels=json.dumps(config["labels"]),
+            postprocess=json.dumps(config["postprocess"]),
+            interval=config["eval"]["gpu_sample_interval_s"],
+            device=config["device"],
+        shell:
+            "{params.py}.nnunet_predict --models {params.models:q} --fold {params.fold} --no-tta"
+            " --cases {params.cases} --images {input.images:q} --outputs {output.predictions:q}"
+            " --efficiency {output.efficiency:q} --labels {params.labels:q}"
+            " --postprocess {params.postprocess:q} --device {params.device} --threads {threads}"
+            " --interval {params.interval} > {log:q} 2>&1"
+
+
+TARGETS["student_nnunet"] = [
+    path
+    for experiment in NNUNET_DATASETS
+    for path in expand(
+        NNUNET_CHECKPOINT,
+        experiment=experiment,
+        dataset=NNUNET_DATASETS[experiment],
+        batch=NNUNET_STUDENT["batch_sizes"],
+    )
+    + prediction_files(experiment)
+    + efficiency_tables(experiment)
+]

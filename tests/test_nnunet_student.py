@@ -134,10 +134,6 @@ def test_trainer_draws_batches_of_the_configured_size(planned, batch):
     configuration = custom_configuration(ns.batch_configuration("3d_fullres", batch))
     plans = {**planned["plans"], "continue_training": False}  # what nnU-Net's run_training adds
     trainer = nnUNetTrainerConfigurable(plans, configuration, "all", planned["dataset"], device=torch.device("cpu"))
-    # nnU-Net fixes its folders when first imported; point this trainer at the fixture's tree explicitly
-    trainer.preprocessed_dataset_folder_base = str(planned["root"] / "preprocessed" / planned["name"])
-    trainer.preprocessed_dataset_folder = os.path.join(trainer.preprocessed_dataset_folder_base,
-                                                       trainer.configuration_manager.data_identifier)
     trainer.initialize()
     train_loader, _ = trainer.get_dataloaders()
     drawn = next(train_loader)
