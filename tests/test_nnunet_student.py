@@ -13,7 +13,9 @@ import yaml
 
 from workflow_scripts import nnunet_student as ns
 from workflow_scripts.nnunet_ext import configure_environment
+from workflow_scripts.nnunet_predict import _preprocessing_key, _probabilities, load_ensemble, predict_volume
 from workflow_scripts.teacher import custom_configuration, custom_plans_identifier
+from workflow_scripts.volume_io import read_volume
 
 LABELS = [
     {"id": 1, "name": "liver", "kind": "organ"},
@@ -59,7 +61,20 @@ def planned(tmp_path_factory) -> dict:
     settings = {"num_epochs": 1, "num_iterations_per_epoch": 1, "num_val_iterations_per_epoch": 1, "save_every": 1}
     plans = ns.student_plans(json.loads(base.read_text()), "ExperimentPlanner", "3d_fullres", settings, [2, 4],
                              patch_size=[16, 16, 16], features_per_stage=[4, 8, 16])
+    (base.parent / f"{custom_plans_identifier('ExperimentPlanner')}.json").write_text(json.dumps(plans))
     return {"root": root, "name": name, "dataset": dataset, "plans": plans, "cases": cases}
+
+
+@pytest.fixture(scope="module")
+def trained(planned) -> dict:
+    """The batch-2 and batch-4 models of the tiny dataset (1 epoch of 1 iteration each)."""
+    folders = {}
+    for batch in (2, 4):
+        checkpoint = ns.train_model(planned["root"], 950, "ExperimentPlanner", "3d_fullres", batch, "all", "cpu", 1)
+        folders[batch] = ns.student_model_folder(planned["root"], planned["name"], "ExperimentPlanner", "3d_fullres",
+                                                 batch)
+        assert checkpoint == folders[batch] / "fold_all" / "checkpoint_final.pth" and checkpoint.is_file()
+    return {**planned, "folders": folders}
 
 
 def test_experiment_dataset_ids_offset_in_config_order():
@@ -140,3 +155,45 @@ def test_trainer_draws_batches_of_the_configured_size(planned, batch):
     assert trainer.batch_size == batch
     assert drawn["data"].shape[0] == batch
     assert trainer.label_manager.has_ignore_label and trainer.label_manager.ignore_label == IGNORE
+
+
+def _count_forward_calls(ensemble, volume, spacing) -> int:
+    calls = []
+    hooks = [p.network.register_forward_hook(lambda *_: calls.append(1)) for p in ensemble.predictors]
+    predict_volume(ensemble, volume, spacing)
+    for hook in hooks:
+        hook.remove()
+    return len(calls)
+
+
+def test_predictor_runs_without_mirroring(trained):
+    """--no-tta (what the predict rules pass): one network call per sliding window instead of one per mirroring."""
+    volume, geometry = read_volume(trained["cases"][0].image, "case0")
+    plain = load_ensemble([trained["folders"][2]], "all", "cpu", tta=False)
+    mirrored = load_ensemble([trained["folders"][2]], "all", "cpu", tta=True)
+    assert not plain.predictors[0].use_mirroring
+    axes = mirrored.predictors[0].allowed_mirroring_axes
+    assert axes, "the tiny model allows mirroring, so TTA would multiply the calls"
+    windows = _count_forward_calls(plain, volume, geometry.spacing_zyx)
+    assert windows > 0
+    assert _count_forward_calls(mirrored, volume, geometry.spacing_zyx) == windows * 2 ** len(axes)
+
+
+def test_ensemble_averages_the_models_softmax(trained):
+    """The ensemble's labels are the argmax of the mean of the two models' softmax, and differ from each model's."""
+    import torch
+
+    volume, geometry = read_volume(trained["cases"][1].image, "case1")
+    pair = load_ensemble([trained["folders"][2], trained["folders"][4]], "all", "cpu", tta=False)
+    assert len({_preprocessing_key(p) for p in pair.predictors}) == 1, "the models share one preprocessing"
+    first = pair.predictors[0]
+    data, _, properties = first.configuration_manager.preprocessor_class(verbose=False).run_case_npy(
+        volume[None].astype(np.float32), None, {"spacing": list(geometry.spacing_zyx)}, first.plans_manager,
+        first.configuration_manager, first.dataset_json)
+    with torch.inference_mode():
+        softmax = [_probabilities(p, data, properties, pair.device).numpy() for p in pair.predictors]
+    singles = [pair.label_ids[s.argmax(0)] for s in softmax]
+    assert not np.array_equal(singles[0], singles[1]), "two different models are needed for a meaningful check"
+    labels, _ = predict_volume(pair, volume, geometry.spacing_zyx)
+    np.testing.assert_array_equal(labels, pair.label_ids[(softmax[0] + softmax[1]).argmax(0)])
+    assert labels.shape == volume.shape
