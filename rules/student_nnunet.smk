@@ -87,6 +87,8 @@ rule student_nnunet_dataset:
     wildcard_constraints:
         experiment=NNUNET_EXPERIMENT_PATTERN,
         dataset=NNUNET_DATASET_PATTERN,
+    conda:
+        "../envs/nnunet.yaml"
     threads: 1
     resources:
         # one label in memory at a time, like a prediction job
@@ -128,6 +130,8 @@ rule student_nnunet_plan:
     wildcard_constraints:
         experiment=NNUNET_EXPERIMENT_PATTERN,
         dataset=NNUNET_DATASET_PATTERN,
+    conda:
+        "../envs/nnunet.yaml"
     threads: config["student"]["threads"]
     resources:
         mem_mb=config["student"]["mem_mb"],
@@ -178,6 +182,8 @@ rule student_nnunet_train:
         experiment=NNUNET_EXPERIMENT_PATTERN,
         dataset=NNUNET_DATASET_PATTERN,
         batch="[0-9]+",
+    conda:
+        "../envs/nnunet.yaml"
     threads: config["student"]["threads"]
     resources:
         mem_mb=config["student"]["mem_mb"],
@@ -230,6 +236,8 @@ for nnunet_shard, nnunet_shard_cases in test_shards(
             bench_path("student_nnunet_predict", f"{{experiment}}_{nnunet_shard}")
         wildcard_constraints:
             experiment=NNUNET_EXPERIMENT_PATTERN,
+        conda:
+            "../envs/nnunet.yaml"
         threads: config["student"]["threads"]
         resources:
             mem_mb=config["student"]["predict_mem_mb"],

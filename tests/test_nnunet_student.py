@@ -3,13 +3,14 @@ trainer really uses, the predictor without mirroring, the softmax ensemble, and 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import SimpleITK as sitk
 import yaml
+from conftest import TINY_CONFIG, run_workflow
 
 from workflow_scripts import nnunet_student as ns
 from workflow_scripts.nnunet_ext import configure_environment
@@ -197,3 +198,36 @@ def test_ensemble_averages_the_models_softmax(trained):
     labels, _ = predict_volume(pair, volume, geometry.spacing_zyx)
     np.testing.assert_array_equal(labels, pair.label_ids[(softmax[0] + softmax[1]).argmax(0)])
     assert labels.shape == volume.shape
+
+
+@pytest.mark.slow
+def test_workflow_trains_and_predicts_nnunet_student(tmp_path):
+    """The tiny workflow with an nnU-Net experiment on merged labels (low-confidence voxels as the ignore label):
+    two models (batch 2 and 4), their ensemble's test predictions and efficiency table; a rerun has nothing to do."""
+    config = yaml.safe_load(TINY_CONFIG.read_text())
+    config["student"]["experiments"]["nnunet_b2"] = {"labels": "merged", "model": "nnunet"}
+    config["student"]["nnunet"]["batch_sizes"] = [2, 4]
+    config["merge"].update(low_confidence_as="ignore", min_confidence=0.6)
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    pred = Path("results", "student", "nnunet_b2", "pred")
+    run_workflow(tmp_path, str(pred / "efficiency" / "0000.tsv"), config=config_file)
+
+    dataset = json.loads(next((tmp_path / "results/student/nnunet_b2/nnunet/raw").glob("Dataset912_*/dataset.json"))
+                         .read_text())
+    assert dataset["labels"]["ignore"] == 15 and dataset["numTraining"] > 0
+    for batch in (2, 4):
+        log = next((tmp_path / "logs" / "student_nnunet_train").glob(f"nnunet_b2_*_b{batch}.log")).read_text()
+        assert f"batch size {batch}" in log
+        assert len(list((tmp_path / "results/student/nnunet_b2/nnunet/results").glob(
+            f"*/*3d_fullres_b{batch}_wf/fold_all/checkpoint_final.pth"))) == 1
+    table = pd.read_csv(tmp_path / pred / "efficiency" / "0000.tsv", sep="\t")
+    assert list(table.columns) == ["Name", "Time", "MaxGPU_Mem", "AUC_GPU_Time", "ImageSize", "MemoryKind"]
+    ids = {0} | set(dataset["workflow_label_ids"].values()) - {15}  # classes the model can predict
+    for case in table["Name"]:
+        image = sitk.ReadImage(str(tmp_path / "results/demo/imagesTs" / f"{case}_0000.nii.gz"))
+        label = sitk.ReadImage(str(tmp_path / pred / f"{case}.nii.gz"))
+        assert label.GetSize() == image.GetSize() and label.GetOrigin() == image.GetOrigin()
+        assert set(np.unique(sitk.GetArrayFromImage(label)).tolist()) <= ids
+    rerun = run_workflow(tmp_path, "-n", str(pred / "efficiency" / "0000.tsv"), config=config_file)
+    assert "Nothing to be done" in rerun.stdout + rerun.stderr
