@@ -1,0 +1,205 @@
+"""Rerunning parts of a finished run (README, "Rerunning stages"): a changed setting reruns exactly what depends on
+it, --forcerun of one rule reruns only its jobs, and a deleted per-case output is rebuilt for that case alone.
+
+Every test starts from a copy of one finished tiny run (the ``completed_run`` fixture, shared by all test modules and
+xdist workers of a session; test_interrupt.py and test_slurm.py import it from here), because a run from scratch
+costs minutes. The run reads a raw dataset outside its working folder, as real data would be.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+from filelock import FileLock
+
+from conftest import TINY_CONFIG, run_workflow
+
+# Stages downstream of the label merge, and the ones it must never touch.
+MERGE_AND_DOWNSTREAM = {"merge_case", "merge_summary"}
+UPSTREAM_OF_MERGE = {"demo_dataset", "qc_case", "qc_summary", "stats_case", "stats_aggregate", "split"}
+# Outputs that are a pure function of the data and the config, compared between runs; the rest (models, timings,
+# figures) may legitimately differ between two runs, even on the same machine.
+DETERMINISTIC = re.compile(r"^(qc/.*\.(json|tsv)|stats/.*\.tsv|split/split\.tsv)$")
+
+
+def shared_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder all xdist workers of this session see (each worker's basetemp is a child of it)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def merged(base: dict, changes: dict) -> dict:
+    """``base`` with ``changes`` applied key by key at every nesting level."""
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def write_config(path: Path, raw: Path, **changes: dict) -> Path:
+    """The tiny config reading the raw dataset in ``raw`` (demo generation off), with ``changes`` merged in.
+
+    Student training runs three epochs (a checkpoint after each), so test_interrupt.py can stop one midway.
+    """
+    data = {"images": "imagesTr", "labels": "labelsTr", "test_images": "imagesTs", "test_labels": "labelsTs"}
+    config = merged(yaml.safe_load(TINY_CONFIG.read_text()), {
+        "demo": {"enabled": False},
+        "data": {key: str(raw / folder) for key, folder in data.items()},
+        "student": {"c2f": {"epochs": 3, "checkpoint_every": 1}},
+    })
+    path.write_text(yaml.safe_dump(merged(config, changes), sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="session")
+def raw_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny demo dataset as a raw FLARE layout outside any run folder (the workflow must only read it)."""
+    shared = shared_tmp(tmp_path_factory)
+    raw = shared / "raw"
+    with FileLock(str(shared / "raw.lock")):
+        if not (shared / "raw.done").exists():
+            build = shared / "raw_build"
+            shutil.rmtree(build, ignore_errors=True)
+            run_workflow(build, "demo_dataset")
+            shutil.rmtree(raw, ignore_errors=True)
+            shutil.copytree(build / "results" / "demo", raw)
+            (shared / "raw.done").touch()
+    return raw
+
+
+@pytest.fixture(scope="session")
+def raw_config(tmp_path_factory: pytest.TempPathFactory, raw_dataset: Path) -> Path:
+    """The tiny config on the raw dataset: the config of every run these tests compare."""
+    shared = shared_tmp(tmp_path_factory)
+    with FileLock(str(shared / "raw_config.lock")):
+        path = shared / "tiny_raw.yaml"
+        if not path.exists():
+            write_config(shared / "tiny_raw.tmp.yaml", raw_dataset).rename(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def completed_run(tmp_path_factory: pytest.TempPathFactory, raw_config: Path) -> Path:
+    """Working folder of one finished run of the whole tiny workflow (its Snakemake log next to it, as
+    completed_run.log). Read only: tests copy it (copy_run)."""
+    shared = shared_tmp(tmp_path_factory)
+    run_dir = shared / "completed_run"
+    with FileLock(str(shared / "completed_run.lock")):
+        if not (shared / "completed_run.done").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+            proc = run_workflow(run_dir, config=raw_config)
+            (shared / "completed_run.log").write_text(proc.stdout + proc.stderr)
+            (shared / "completed_run.done").touch()
+    return run_dir
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    """Copy a run folder keeping symlinks and timestamps, so Snakemake sees the copy as up to date."""
+    shutil.copytree(src, dst, symlinks=True)
+    return dst
+
+
+def file_states(root: Path) -> dict[str, tuple[int, str]]:
+    """(mtime in ns, sha256) of every regular file under ``root``, by relative path."""
+    states = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            states[str(path.relative_to(root))] = (path.stat().st_mtime_ns, digest)
+    return states
+
+
+def changed_files(before: dict[str, tuple[int, str]], after: dict[str, tuple[int, str]]) -> set[str]:
+    """Files rewritten (new mtime) or created between two file_states snapshots."""
+    return {path for path, state in after.items() if before.get(path, (None,))[0] != state[0]}
+
+
+def planned_jobs(workdir: Path, config: Path, *args: str) -> Counter:
+    """Jobs per rule that Snakemake would run now (its dry-run job table)."""
+    proc = run_workflow(workdir, "--dry-run", *args, config=config)
+    table = proc.stdout.split("Job stats:", 1)
+    if len(table) == 1:
+        assert "Nothing to be done" in proc.stdout + proc.stderr, proc.stdout[-3000:]
+        return Counter()
+    jobs = Counter()
+    for line in table[1].splitlines():
+        match = re.fullmatch(r"(\w+)\s+(\d+)", line.strip())
+        if match and match[1] != "total":
+            jobs[match[1]] = int(match[2])
+        if match and match[1] == "total":
+            break
+    return jobs
+
+
+def executed_rules(snakemake_log: str) -> Counter:
+    """Jobs per rule that a (real) Snakemake run finished, from its log."""
+    return Counter(re.findall(r"Finished jobid: \d+ \(Rule: (\w+)\)", snakemake_log))
+
+
+def output_of(proc: subprocess.CompletedProcess) -> str:
+    return proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_finished_run_is_up_to_date(completed_run: Path, raw_config: Path, tmp_path: Path) -> None:
+    """A copied finished run has nothing to do: the premise of every other rerun test."""
+    workdir = copy_run(completed_run, tmp_path / "run")
+    assert planned_jobs(workdir, raw_config) == Counter()
+
+
+@pytest.mark.slow
+def test_merge_setting_reruns_merge_and_downstream_only(
+    completed_run: Path, raw_dataset: Path, tmp_path: Path
+) -> None:
+    workdir = copy_run(completed_run, tmp_path / "run")
+    changed = write_config(tmp_path / "changed.yaml", raw_dataset, merge={"min_confidence": 0.5})
+    jobs = planned_jobs(workdir, changed)
+    assert MERGE_AND_DOWNSTREAM | {"student_train", "evaluate_experiment"} <= set(jobs), jobs
+    untouched = {rule for rule in jobs if rule.startswith(("teacher_", "pseudo_"))} | (UPSTREAM_OF_MERGE & set(jobs))
+    assert not untouched, jobs
+    # and for real, up to the merge: only merge jobs run, and the stricter threshold changes merged labels
+    before = file_states(workdir / "results")
+    ran = executed_rules(output_of(run_workflow(workdir, "--until", "merge_summary", config=changed)))
+    assert set(ran) == MERGE_AND_DOWNSTREAM, ran
+    after = file_states(workdir / "results")
+    assert after["merged/summary.tsv"][1] != before["merged/summary.tsv"][1]
+
+
+@pytest.mark.slow
+def test_forcerun_label_statistics_reruns_only_them(completed_run: Path, raw_config: Path, tmp_path: Path) -> None:
+    workdir = copy_run(completed_run, tmp_path / "run")
+    before = file_states(workdir / "results")
+    proc = run_workflow(workdir, "--forcerun", "stats_case", "stats_aggregate", "--until", "stats_aggregate",
+                        config=raw_config)
+    ran = executed_rules(output_of(proc))
+    assert set(ran) == {"stats_case", "stats_aggregate"}, ran
+    rewritten = changed_files(before, file_states(workdir / "results"))
+    assert rewritten and all(path.startswith("stats/") for path in rewritten), rewritten
+    # statistics are a pure function of the labels: rerunning them gives the same tables
+    after = file_states(workdir / "results")
+    assert all(after[p][1] == before[p][1] for p in rewritten if p.endswith(".tsv")), rewritten
+
+
+@pytest.mark.slow
+def test_deleted_pseudo_label_regenerates_that_case_only(
+    completed_run: Path, raw_config: Path, tmp_path: Path
+) -> None:
+    workdir = copy_run(completed_run, tmp_path / "run")
+    pseudo = sorted((workdir / "results" / "pseudo").glob("*_confidence.nii.gz"))
+    assert len(pseudo) > 1
+    case = pseudo[0].name.removesuffix("_confidence.nii.gz")
+    (workdir / "results" / "pseudo" / f"{case}.nii.gz").unlink()
+    before = file_states(workdir / "results")
+    run_workflow(workdir, config=raw_config)
+    rewritten = changed_files(before, file_states(workdir / "results"))
+    per_case = {path for path in rewritten if path.startswith(("pseudo/", "merged/")) and path != "merged/summary.tsv"}
+    assert f"pseudo/{case}.nii.gz" in per_case
+    assert all(Path(path).name.startswith(f"{case}.") or Path(path).name.startswith(f"{case}_") for path in per_case), \
+        per_case
