@@ -64,6 +64,7 @@ def test_killed_run_resumes_without_redoing_finished_jobs(
     first = executed_rules(output.read_text())
     experiment = checkpoint.parent.parent.name
 
+    run_workflow(workdir, "--unlock", config=raw_config)  # a killed Snakemake leaves its lock behind
     second = executed_rules(output_of(run_workflow(workdir, "--rerun-incomplete", config=raw_config)))
 
     # no finished job ran twice: the two halves add up to exactly the jobs of one uninterrupted run
