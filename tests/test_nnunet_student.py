@@ -122,6 +122,16 @@ def test_dataset_rebuild_drops_cases_no_longer_listed(tmp_path):
     assert sorted(p.name for p in (root / "labelsTr").iterdir()) == ["c0.nii.gz"]
 
 
+def test_dataset_cli_from_manifest(tmp_path):
+    cases = [_case(tmp_path / "data", f"c{i}", i, with_ignore=True) for i in range(2)]
+    manifest = tmp_path / "train_cases.tsv"
+    ns.write_manifest(manifest, [c.case for c in cases], [c.image for c in cases], [c.label for c in cases])
+    out = tmp_path / "raw" / "Dataset953_cli"
+    ns.main(["dataset", "--manifest", str(manifest), "--labels", json.dumps(LABELS), "--ignore", "--out", str(out)])
+    dataset = json.loads((out / "dataset.json").read_text())
+    assert dataset["numTraining"] == 2 and dataset["labels"]["ignore"] == IGNORE
+
+
 def test_manifest_round_trip(tmp_path):
     ns.write_manifest(tmp_path / "m.tsv", ["a", "b"], ["ia", "ib"], ["la", "lb"])
     assert ns.read_manifest(tmp_path / "m.tsv") == [ns.TrainingCase("a", "ia", "la"), ns.TrainingCase("b", "ib", "lb")]

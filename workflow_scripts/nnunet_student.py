@@ -28,6 +28,7 @@ import pandas as pd
 
 from .merge import ignore_label
 from .nnunet_dataset import TrainingCase, build_dataset, dataset_name
+from .teacher import _check_expected  # the rule's declared path must be where nnU-Net writes
 from .teacher import (
     configure_plans,
     custom_configuration,
@@ -193,11 +194,6 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     tr.add_argument("--device", choices=["cpu", "cuda"], required=True)
     tr.add_argument("--expect", required=True, help="the checkpoint the rule declares (checked)")
     return parser.parse_args(argv)
-
-
-def _check_expected(actual: Path, expected: str) -> None:
-    if Path(actual).resolve() != Path(expected).resolve():
-        raise SystemExit(f"nnU-Net wrote {actual}, but the rule expects {expected}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
