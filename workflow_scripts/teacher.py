@@ -40,6 +40,9 @@ PLANS_IDENTIFIERS = {
 CUSTOM_SUFFIX = "_wf"
 # nnU-Net's planners stop pooling when a feature map edge would drop below this (UNet_featuremap_min_edge_length)
 FEATUREMAP_MIN_EDGE = 4
+# nnU-Net's deep-supervision loss gives the lowest resolution weight 0 and normalises the rest: with two stages the
+# weights sum to 0 and the loss is NaN
+MIN_STAGES = 3
 CHECKPOINTS = ("checkpoint_latest.pth", "checkpoint_best.pth", "checkpoint_final.pth")
 
 
@@ -122,6 +125,9 @@ def resized_architecture(configuration: Mapping, patch_size: Sequence[int] | Non
     _, strides, kernels, patch, _ = get_pool_and_conv_props(configuration["spacing"], patch, FEATUREMAP_MIN_EDGE,
                                                             max_pool)
     n_stages = len(strides)
+    if n_stages < MIN_STAGES:
+        raise ValueError(f"patch size {list(patch)} at spacing {configuration['spacing']} allows {n_stages} stages; "
+                         f"nnU-Net's deep supervision needs at least {MIN_STAGES}: use a larger patch size")
     if features_per_stage is not None and n_stages != len(features_per_stage):
         raise ValueError(f"features_per_stage has {len(features_per_stage)} stages, but patch size {list(patch)} at "
                          f"spacing {configuration['spacing']} allows {n_stages}: give one feature count per stage")

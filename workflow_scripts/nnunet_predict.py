@@ -1,0 +1,234 @@
+"""Fast inference with trained nnU-Net v2 models: model folder(s) + cases in, one label file per case out.
+
+nnU-Net's own ``predict_from_files`` is built for throughput on many cases with worker pools: preprocessing and
+export run in *spawned* processes (each re-imports torch, and code calling it must sit under ``__main__``), and the
+export resamples the logits of every class back to the input grid with scikit-image on the CPU, which dominates the
+time of FLARE-sized volumes. Here everything runs in one process, in order, per case:
+
+1. read the image with :mod:`workflow_scripts.volume_io` (clear :class:`CaseError` naming case and file);
+2. nnU-Net's own preprocessor (transpose, crop to non-zero, normalise, resample) and its sliding-window predictor
+   (Gaussian weighting, mirroring TTA when asked), so the logits are nnU-Net's;
+3. the export on the model's device with torch: trilinear resampling of the logits to the cropped input grid (the
+   counterpart of nnU-Net's order-1 default), softmax, averaging over the models of an ensemble, argmax and the
+   maximum probability (the confidence), then uncropping and transposing back;
+4. nnU-Net's consecutive ids mapped back to the workflow's label ids (dataset.json ``workflow_label_ids``, see
+   :mod:`workflow_scripts.nnunet_dataset`) and the caller's writer (e.g. connected-component cleanup + writing).
+
+Models are loaded once (:func:`load_ensemble`) and reused for a whole shard of cases (:func:`predict_shard`).
+Several model folders (e.g. the batch-4 and batch-8 students) form an ensemble whose softmax is averaged; they must
+predict the same label set.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from .efficiency import ResourceSampler
+from .nnunet_dataset import label_ids_of
+from .nnunet_ext import configure_environment
+from .postprocess import clean_components, rules_from_config
+from .volume_io import CaseError, Geometry, atomic_path, read_volume, write_volume
+
+EFFICIENCY_COLUMNS = ["Name", "Time", "MaxGPU_Mem", "AUC_GPU_Time", "ImageSize", "MemoryKind"]
+# writer(case, labels in workflow ids, confidence in [0, 1] or None, geometry of the input image)
+Writer = Callable[[str, np.ndarray, "np.ndarray | None", Geometry], None]
+
+
+@dataclass
+class Ensemble:
+    """Loaded models sharing one label set; ``label_ids[k]`` is the workflow id of output channel k."""
+
+    predictors: list  # nnUNetPredictor, one per model folder
+    label_ids: np.ndarray
+    device: torch.device
+
+
+def check_model_folder(folder: str | Path, fold: str | int, checkpoint: str) -> Path:
+    """The checkpoint file of ``folder``/fold_``fold``; a clear error names what is missing."""
+    folder = Path(folder)
+    for needed in (folder / "plans.json", folder / "dataset.json", folder / f"fold_{fold}" / checkpoint):
+        if not needed.is_file():
+            raise FileNotFoundError(f"nnU-Net model {folder} is incomplete: {needed} does not exist "
+                                    f"(has the training finished?)")
+    return folder / f"fold_{fold}" / checkpoint
+
+
+def output_label_ids(dataset_json: Mapping, num_heads: int) -> np.ndarray:
+    """Workflow label id of each network output channel (0 stays background)."""
+    ids = label_ids_of(dataset_json)
+    missing = [k for k in range(1, num_heads) if k not in ids]
+    if missing:
+        raise ValueError(f"dataset.json has no label for network outputs {missing}")
+    table = np.array([0] + [ids[k] for k in range(1, num_heads)])
+    if table.max() > np.iinfo(np.uint8).max:
+        raise ValueError(f"label ids up to {table.max()} do not fit the uint8 label files")
+    return table.astype(np.uint8)
+
+
+def load_ensemble(model_folders: Sequence[str | Path], fold: str | int, device: str, tta: bool,
+                  checkpoint: str = "checkpoint_final.pth", threads: int = 1) -> Ensemble:
+    """Load every model once (weights on ``device``); ``tta`` enables nnU-Net's mirroring test-time augmentation."""
+    if not model_folders:
+        raise ValueError("no model folder given")
+    for folder in model_folders:
+        check_model_folder(folder, fold, checkpoint)
+    configure_environment(None, threads)  # trainer classes (nnUNet_extTrainer) before nnU-Net is imported
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    torch.set_num_threads(threads)
+    torch_device = torch.device(device)
+    predictors, label_ids = [], None
+    for folder in model_folders:
+        predictor = nnUNetPredictor(use_mirroring=tta, device=torch_device, perform_everything_on_device=True,
+                                    allow_tqdm=False)
+        predictor.initialize_from_trained_model_folder(str(folder), (fold,), checkpoint)
+        if predictor.label_manager.has_regions:
+            raise ValueError(f"{folder}: region-based models are not supported")
+        ids = output_label_ids(predictor.dataset_json, predictor.label_manager.num_segmentation_heads)
+        if label_ids is not None and not np.array_equal(ids, label_ids):
+            raise ValueError(f"{folder} predicts labels {ids.tolist()}, the other models {label_ids.tolist()}")
+        label_ids = ids
+        predictor.network.to(torch_device).eval()
+        predictors.append(predictor)
+    return Ensemble(predictors, label_ids, torch_device)
+
+
+def _preprocessing_key(predictor) -> str:
+    """Models with equal keys preprocess a case identically, so the ensemble preprocesses it once."""
+    conf, plans = predictor.configuration_manager, predictor.plans_manager
+    return json.dumps([conf.preprocessor_class.__name__, conf.spacing, conf.normalization_schemes,
+                       conf.use_mask_for_norm, conf.configuration.get("resampling_fn_data"),
+                       conf.configuration.get("resampling_fn_data_kwargs"), plans.transpose_forward,
+                       plans.foreground_intensity_properties_per_channel], sort_keys=True, default=str)
+
+
+def _probabilities(predictor, data: np.ndarray, properties: Mapping, device: torch.device) -> torch.Tensor:
+    """Softmax of one model on the input grid (channels first, input axis order), computed on ``device``."""
+    logits = predictor.predict_sliding_window_return_logits(torch.from_numpy(data))
+    logits = logits.to(device=device, dtype=torch.float32)
+    cropped_shape = [int(s) for s in properties["shape_after_cropping_and_before_resampling"]]
+    if list(logits.shape[1:]) != cropped_shape:
+        logits = F.interpolate(logits[None], size=cropped_shape, mode="trilinear", align_corners=False)[0]
+    probabilities = torch.softmax(logits, dim=0)
+    del logits
+    full_shape = [int(s) for s in properties["shape_before_cropping"]]
+    if cropped_shape != full_shape:  # outside the non-zero box nnU-Net predicts background with certainty
+        full = torch.zeros((probabilities.shape[0], *full_shape), dtype=probabilities.dtype, device=device)
+        full[0] = 1
+        box = tuple(slice(int(lo), int(hi)) for lo, hi in properties["bbox_used_for_cropping"])
+        full[(slice(None), *box)] = probabilities
+        probabilities = full
+    backward = predictor.plans_manager.transpose_backward
+    return probabilities.permute(0, *[axis + 1 for axis in backward])
+
+
+@torch.inference_mode()
+def predict_volume(ensemble: Ensemble, volume: np.ndarray, spacing_zyx: Sequence[float],
+                   with_confidence: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """Label map (workflow ids, uint8, shape of ``volume``) and, if asked, the max softmax probability (float32)."""
+    data = volume[None].astype(np.float32, copy=False)
+    preprocessed: dict[str, tuple[np.ndarray, dict]] = {}
+    total = None
+    for predictor in ensemble.predictors:
+        key = _preprocessing_key(predictor)
+        if key not in preprocessed:
+            preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
+            properties = {"spacing": list(spacing_zyx)}
+            case_data, _, properties = preprocessor.run_case_npy(
+                data, None, properties, predictor.plans_manager, predictor.configuration_manager,
+                predictor.dataset_json)
+            preprocessed = {key: (case_data, properties)}  # keep one preprocessed copy at a time
+        case_data, properties = preprocessed[key]
+        probabilities = _probabilities(predictor, case_data, properties, ensemble.device)
+        total = probabilities if total is None else total.add_(probabilities)
+        del probabilities
+    total /= len(ensemble.predictors)
+    confidence, indices = torch.max(total, dim=0)
+    lookup = torch.from_numpy(ensemble.label_ids).to(ensemble.device)
+    labels = lookup[indices].cpu().numpy()
+    return labels, (confidence.cpu().numpy() if with_confidence else None)
+
+
+def predict_shard(ensemble: Ensemble, cases: Sequence[str], images: Sequence[str], write: Writer,
+                  with_confidence: bool = False, sample_interval_s: float = 0.1) -> pd.DataFrame:
+    """Predict every case of a shard with the loaded models; one efficiency row per case (read -> write time,
+    peak and area of GPU memory, or of resident memory on CPU, see :class:`ResourceSampler`)."""
+    if len(cases) != len(images):
+        raise ValueError(f"{len(cases)} cases but {len(images)} images")
+    rows = []
+    for case, image in zip(cases, images):
+        with ResourceSampler(ensemble.device.type, sample_interval_s) as sampler:
+            volume, geometry = read_volume(image, case)
+            labels, confidence = predict_volume(ensemble, volume, geometry.spacing_zyx, with_confidence)
+            write(case, labels, confidence, geometry)
+        usage = sampler.usage
+        size = "x".join(str(n) for n in geometry.size)
+        rows.append([case, usage.time_s, usage.peak_mem_mb, usage.auc_mem_mb_s, size, usage.memory_kind])
+        print(f"{case}: {size} in {usage.time_s:.2f}s, peak {usage.memory_kind} {usage.peak_mem_mb:.0f} MB",
+              flush=True)
+    return pd.DataFrame(rows, columns=EFFICIENCY_COLUMNS)
+
+
+def cleaned_label_writer(outputs: Mapping[str, str], postprocess: Mapping, labels: Sequence[Mapping]) -> Writer:
+    """Writer of test-set predictions: connected-component cleanup (config ``postprocess``), one file per case."""
+    rules = rules_from_config(postprocess, labels)
+
+    def write(case: str, label: np.ndarray, _confidence: np.ndarray | None, geometry: Geometry) -> None:
+        write_volume(outputs[case], clean_components(label, geometry.spacing_zyx, rules), geometry)
+
+    return write
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by every CLI that predicts with nnU-Net models (this one, pseudo_labels)."""
+    parser.add_argument("--models", nargs="+", required=True, help="trained model folder(s); several = ensemble")
+    parser.add_argument("--fold", required=True, help="fold folder to use: all or 0-4")
+    parser.add_argument("--checkpoint", default="checkpoint_final.pth")
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True, help="mirroring TTA")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--cases", nargs="+", required=True)
+    parser.add_argument("--images", nargs="+", required=True, help="one image per case, same order")
+    parser.add_argument("--labels", required=True, help="the label map (config 'labels') as JSON")
+    parser.add_argument("--postprocess", required=True, help="the 'postprocess' config section as JSON")
+
+
+def ensemble_from_args(args: argparse.Namespace) -> Ensemble:
+    try:
+        return load_ensemble(args.models, args.fold, args.device, args.tta, args.checkpoint, args.threads)
+    except (FileNotFoundError, ValueError) as err:
+        sys.exit(f"error: {err}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m workflow_scripts.nnunet_predict",
+                                     description=__doc__.split("\n")[0])
+    add_model_arguments(parser)
+    parser.add_argument("--outputs", nargs="+", required=True, help="one output label file per case, same order")
+    parser.add_argument("--efficiency", required=True, help="output TSV, one row per case")
+    parser.add_argument("--interval", type=float, default=0.1, help="memory sampling interval in seconds")
+    args = parser.parse_args(argv)
+    if not len(args.cases) == len(args.images) == len(args.outputs):
+        parser.error("--cases, --images and --outputs need the same number of entries")
+    ensemble = ensemble_from_args(args)
+    write = cleaned_label_writer(dict(zip(args.cases, args.outputs)), json.loads(args.postprocess),
+                                 json.loads(args.labels))
+    try:
+        table = predict_shard(ensemble, args.cases, args.images, write, sample_interval_s=args.interval)
+    except CaseError as err:
+        sys.exit(f"error: {err}")
+    with atomic_path(args.efficiency) as tmp:
+        table.to_csv(tmp, sep="\t", index=False, float_format="%.4f")
+
+
+if __name__ == "__main__":
+    main()
