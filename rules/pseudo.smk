@@ -1,1 +1,94 @@
-# Rules of the pseudo stage.
+# Rules of the pseudo stage: the teacher's TTA pseudo-labels and confidence maps for the weak cases (and the
+# unlabeled ones with pseudo.include_unlabeled; workflow_scripts/pseudo_labels.py). One job per shard of
+# pseudo.shard_size cases loads the model once and writes results/pseudo/shards/{shard}/; a local per-case rule
+# hard-links each case's two files to results/pseudo/, so every case is its own artifact for the merge.
+
+import json
+
+from workflow_scripts.pseudo_labels import case_files, shard_cases, shard_of
+
+PSEUDO = config["pseudo"]
+PSEUDO_CATEGORIES = ["weak"] + (["unlabeled"] if PSEUDO["include_unlabeled"] else [])
+
+
+rule pseudo_shard:
+    input:
+        model=TEACHER_CHECKPOINT,
+        images=lambda wildcards: [
+            TRAIN[case]["image"]
+            for case in shard_cases(
+                cases_by_category(*PSEUDO_CATEGORIES), PSEUDO["shard_size"]
+            )[wildcards.shard]
+        ],
+    output:
+        directory(res("pseudo", "shards", "{shard}")),
+    log:
+        log_path("pseudo_shard", "{shard}"),
+    benchmark:
+        bench_path("pseudo_shard", "{shard}")
+    wildcard_constraints:
+        shard="[0-9]+",
+    conda:
+        "../envs/nnunet.yaml"
+    threads: PSEUDO["threads"]
+    resources:
+        mem_mb=PSEUDO["mem_mb"],
+        runtime=PSEUDO["runtime"],
+        gpu=int(config["device"] == "cuda"),
+    params:
+        py=PY,
+        model=lambda wildcards, input: os.path.dirname(os.path.dirname(input.model)),
+        fold=TEACHER["fold"],
+        tta="--tta" if PSEUDO["tta"] else "--no-tta",
+        device=config["device"],
+        cases=lambda wildcards: " ".join(
+            shard_cases(cases_by_category(*PSEUDO_CATEGORIES), PSEUDO["shard_size"])[
+                wildcards.shard
+            ]
+        ),
+        labels=json.dumps(config["labels"]),
+        postprocess=json.dumps(config["postprocess"]),
+    shell:
+        "{params.py}.pseudo_labels --models {params.model:q} --fold {params.fold}"
+        " {params.tta} --device {params.device} --threads {threads}"
+        " --cases {params.cases} --images {input.images:q} --labels {params.labels:q}"
+        " --postprocess {params.postprocess:q} --out {output:q} > {log:q} 2>&1"
+
+
+localrules:
+    pseudo_case,
+
+
+rule pseudo_case:
+    input:
+        lambda wildcards: res(
+            "pseudo",
+            "shards",
+            shard_of(
+                wildcards.case,
+                shard_cases(
+                    cases_by_category(*PSEUDO_CATEGORIES), PSEUDO["shard_size"]
+                ),
+            ),
+        ),
+    output:
+        label=res("pseudo", "{case}.nii.gz"),
+        confidence=res("pseudo", "{case}_confidence.nii.gz"),
+    log:
+        log_path("pseudo_case", "{case}"),
+    benchmark:
+        bench_path("pseudo_case", "{case}")
+    wildcard_constraints:
+        case="[A-Za-z0-9][A-Za-z0-9._-]*(?<!_confidence)",
+    conda:
+        "../envs/base.yaml"
+    threads: 1
+    resources:
+        mem_mb=100,
+        runtime=1,
+    params:
+        label=lambda wildcards, input: case_files(input[0], wildcards.case)[0],
+        confidence=lambda wildcards, input: case_files(input[0], wildcards.case)[1],
+    shell:
+        "(ln -f {params.label:q} {output.label:q}"
+        " && ln -f {params.confidence:q} {output.confidence:q}) > {log:q} 2>&1"

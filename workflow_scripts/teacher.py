@@ -228,7 +228,7 @@ def validation_table(summary: Mapping, dataset_json: Mapping, label_names: Mappi
     rows = [
         {"class_id": ids[int(key)], "class_name": label_names.get(ids[int(key)], str(ids[int(key)])),
          "dice": metrics["Dice"], "n_cases": n_cases, "evaluated_on": evaluated_on}
-        for key, metrics in summary["mean"].items()
+        for key, metrics in sorted(summary["mean"].items(), key=lambda item: int(item[0]))
     ]
     rows.append({"class_id": 0, "class_name": "foreground_mean", "dice": summary["foreground_mean"]["Dice"],
                  "n_cases": n_cases, "evaluated_on": evaluated_on})
