@@ -77,3 +77,19 @@ def train(prepared: dict) -> Path:
 
 def model_dir(prepared: dict) -> Path:
     return teacher.model_folder(prepared["root"], prepared["name"], PLANNER, CONFIGURATION)
+
+
+def trained_model(tmp_path_factory, dataset_id: int = 971) -> dict:
+    """One trained tiny teacher per test session (per xdist worker), shared by the predictor and pseudo tests."""
+    base = tmp_path_factory.getbasetemp() / f"tiny_teacher_{dataset_id}"
+    done = base / "prepared.json"
+    if done.is_file():
+        stored = json.loads(done.read_text())
+        return {**stored, "root": Path(stored["root"]), "model": Path(stored["model"]),
+                "cases": [TrainingCase(*c) for c in stored["cases"]]}
+    prepared = prepare(base, dataset_id, epochs=2, iterations=4)
+    train(prepared)
+    result = {"root": str(prepared["root"]), "model": str(model_dir(prepared)), "name": prepared["name"],
+              "cases": [[c.case, c.image, c.label] for c in prepared["cases"]], "id": dataset_id}
+    done.write_text(json.dumps(result))
+    return trained_model(tmp_path_factory, dataset_id)
