@@ -1,0 +1,111 @@
+"""Tests of the pseudo-labels: shards, confidence encoding, connected-component cleanup, geometry, the shard CLI
+(complete folder or none) and the teacher -> pseudo-label part of the workflow on the tiny config."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+
+import tiny_nnunet as tn
+from conftest import run_workflow
+from workflow_scripts import pseudo_labels as pl
+from workflow_scripts.postprocess import ComponentRule
+from workflow_scripts.volume_io import Geometry
+
+LABELS = [{"id": i, "name": n, "kind": "lesion" if i == 14 else "organ"} for i, n in tn.LABEL_NAMES.items()]
+POSTPROCESS = {"organ": {"keep_largest": 1, "min_size_mm3": 0}, "lesion": {"keep_largest": 0, "min_size_mm3": 10}}
+
+
+def test_shards_are_fixed_size_and_cover_every_case():
+    shards = pl.shard_cases(["a", "b", "c", "d", "e"], 2)
+    assert shards == {"0000": ["a", "b"], "0001": ["c", "d"], "0002": ["e"]}
+    assert pl.shard_of("e", shards) == "0002"
+    with pytest.raises(ValueError, match="'x' gets no pseudo-label"):
+        pl.shard_of("x", shards)
+    with pytest.raises(ValueError):
+        pl.shard_cases(["a"], 0)
+
+
+def test_confidence_is_stored_as_rounded_bytes():
+    probability = np.array([0.0, 1 / 3, 0.5, 0.999, 1.0, 1.0000001], np.float32)
+    stored = pl.encode_confidence(probability)
+    assert stored.dtype == np.uint8 and stored.tolist() == [0, 85, 128, 255, 255, 255]
+    assert np.abs(pl.decode_confidence(stored) - np.clip(probability, 0, 1)).max() <= 0.5 / 255 + 1e-7
+
+
+def test_written_pseudo_label_is_cleaned_and_keeps_geometry(tmp_path):
+    geometry = Geometry(size=(12, 10, 8), spacing=(1.0, 2.0, 3.0), origin=(1.0, 2.0, 3.0),
+                        direction=(0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, -1.0))
+    label = np.zeros(geometry.shape_zyx, np.uint8)
+    label[1:5, 1:5, 1:5] = 1  # organ: the largest component stays ...
+    label[6, 8, 10] = 1  # ... the stray voxel goes
+    label[6:8, 1:3, 6:9] = 14  # lesion of 12 voxels * 6 mm3: kept (>= 10 mm3)
+    label[0, 9, 0] = 14  # lesion of 6 mm3: removed
+    confidence = np.full(geometry.shape_zyx, 0.75, np.float32)
+    rules = {1: ComponentRule(1, 0), 14: ComponentRule(0, 10)}
+    label_path, confidence_path = pl.write_pseudo_label(tmp_path, "c1", label, confidence, geometry, rules)
+    assert Path(label_path).name == "c1.nii.gz" and Path(confidence_path).name == "c1_confidence.nii.gz"
+    written = sitk.ReadImage(label_path)
+    array = sitk.GetArrayFromImage(written)
+    assert written.GetPixelID() == sitk.sitkUInt8 and Geometry.of(written) == geometry
+    assert (array == 1).sum() == 64 and array[6, 8, 10] == 0
+    assert (array == 14).sum() == 12 and array[0, 9, 0] == 0
+    stored = sitk.ReadImage(confidence_path)
+    assert stored.GetPixelID() == sitk.sitkUInt8 and Geometry.of(stored) == geometry
+    assert set(np.unique(sitk.GetArrayFromImage(stored))) == {191}
+
+
+def _shard_argv(model: dict, cases, images, out: Path) -> list[str]:
+    return ["--models", str(model["model"]), "--fold", "all", "--cases", *cases, "--images", *images,
+            "--labels", json.dumps(LABELS), "--postprocess", json.dumps(POSTPROCESS), "--out", str(out)]
+
+
+def test_shard_cli_writes_every_case_and_its_confidence(tmp_path_factory, tmp_path):
+    model = tn.trained_model(tmp_path_factory)
+    cases = model["cases"][:2]
+    out = tmp_path / "shards" / "0000"
+    pl.main(_shard_argv(model, [c.case for c in cases], [c.image for c in cases], out))
+    for case in cases:
+        label_path, confidence_path = pl.case_files(out, case.case)
+        image = sitk.ReadImage(case.image)
+        for path in (label_path, confidence_path):
+            written = sitk.ReadImage(path)
+            assert written.GetPixelID() == sitk.sitkUInt8 and Geometry.of(written) == Geometry.of(image)
+        assert set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(label_path)))) <= {0, 1, 3}
+    assert pd.read_csv(out / "efficiency.tsv", sep="\t")["Name"].tolist() == [c.case for c in cases]
+
+
+def test_shard_with_a_bad_case_leaves_no_folder(tmp_path_factory, tmp_path):
+    model = tn.trained_model(tmp_path_factory)
+    out = tmp_path / "0000"
+    argv = _shard_argv(model, ["ok", "missing"], [model["cases"][0].image, str(tmp_path / "missing_0000.nii.gz")],
+                       out)
+    with pytest.raises(SystemExit, match=r"missing.*missing_0000\.nii\.gz.*does not exist"):
+        pl.main(argv)
+    assert not out.exists()
+    with pytest.raises(SystemExit, match="incomplete"):
+        pl.main(_shard_argv({"model": tmp_path / "no_model"}, ["ok"], [model["cases"][0].image], out))
+
+
+@pytest.mark.slow
+def test_workflow_teacher_and_pseudo_labels_on_tiny_config(tmp_path):
+    """Teacher training, validation table, test predictions and pseudo-labels of every weak case, end to end."""
+    run_workflow(tmp_path, "results/teacher/validation.tsv", "results/teacher/pred/efficiency/0000.tsv")
+    split = pd.read_csv(tmp_path / "results" / "split" / "split.tsv", sep="\t")
+    weak = split.loc[split["category"] == "weak", "case"].tolist()
+    assert weak
+    run_workflow(tmp_path, *[f"results/pseudo/{case}_confidence.nii.gz" for case in weak])
+    for case in weak:
+        image = sitk.ReadImage(str(next((tmp_path / "results" / "demo").rglob(f"{case}_0000.nii.gz"))))
+        for name in (f"{case}.nii.gz", f"{case}_confidence.nii.gz"):
+            written = sitk.ReadImage(str(tmp_path / "results" / "pseudo" / name))
+            assert written.GetPixelID() == sitk.sitkUInt8 and Geometry.of(written) == Geometry.of(image)
+    validation = pd.read_csv(tmp_path / "results" / "teacher" / "validation.tsv", sep="\t")
+    assert validation["class_id"].tolist() == list(range(1, 14)) + [0]
+    assert validation["dice"].between(0, 1).all()
+    dry = run_workflow(tmp_path, "-n", *[f"results/pseudo/{case}.nii.gz" for case in weak])
+    assert "Nothing to be done" in dry.stdout + dry.stderr
