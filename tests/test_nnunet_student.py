@@ -230,7 +230,7 @@ def test_workflow_trains_and_predicts_nnunet_student(tmp_path):
         log = next((tmp_path / "logs" / "student_nnunet_train").glob(f"nnunet_b2_*_b{batch}.log")).read_text()
         assert f"batch size {batch}" in log
         assert len(list((tmp_path / "results/student/nnunet_b2/nnunet/results").glob(
-            f"*/*3d_fullres_b{batch}_wf/fold_all/checkpoint_final.pth"))) == 1
+            f"*/*3d_fullres_b{batch}_wf/fold_0/checkpoint_final.pth"))) == 1
     table = pd.read_csv(tmp_path / pred / "efficiency" / "0000.tsv", sep="\t")
     assert list(table.columns) == ["Name", "Time", "MaxGPU_Mem", "AUC_GPU_Time", "ImageSize", "MemoryKind"]
     ids = {0} | set(dataset["workflow_label_ids"].values()) - {15}  # classes the model can predict
