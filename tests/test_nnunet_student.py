@@ -110,6 +110,11 @@ def test_dataset_rejects_ignore_values_when_not_declared(tmp_path):
     with pytest.raises(Exception, match="bad.*not in the label map"):
         ns.build_student_dataset([case], tmp_path / "raw" / "Dataset951_x", LABELS, with_ignore=False)
     assert not (tmp_path / "raw" / "Dataset951_x" / "dataset.json").exists()
+    manifest = tmp_path / "train_cases.tsv"
+    ns.write_manifest(manifest, [case.case], [case.image], [case.label])
+    with pytest.raises(SystemExit, match=r"case 'bad' \(file .*bad.nii.gz\).*\[4\]"):
+        ns.main(["dataset", "--manifest", str(manifest), "--labels", json.dumps(LABELS), "--out",
+                 str(tmp_path / "raw" / "Dataset951_x")])
 
 
 def test_dataset_rebuild_drops_cases_no_longer_listed(tmp_path):

@@ -37,7 +37,7 @@ from .teacher import (
     plan_and_preprocess,
     train,
 )
-from .volume_io import write_text
+from .volume_io import CaseError, write_text
 
 MANIFEST_COLUMNS = ("case", "image", "label")
 IGNORE_NAME = "ignore"  # the label name nnU-Net v2 treats as "not annotated" (it must have the highest id)
@@ -199,7 +199,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parse_args(argv)
     if args.command == "dataset":
-        dataset = build_student_dataset(read_manifest(args.manifest), args.out, json.loads(args.labels), args.ignore)
+        try:
+            dataset = build_student_dataset(read_manifest(args.manifest), args.out, json.loads(args.labels),
+                                            args.ignore)
+        except (CaseError, ValueError) as err:  # a bad label or manifest: one clear line naming case and file
+            sys.exit(f"error: {err}")
         print(f"{args.out}: {dataset['numTraining']} cases, labels {dataset['labels']}, "
               f"{dataset['labels_rewritten']} label files rewritten (the rest are symlinks)")
     elif args.command == "plan":
