@@ -8,6 +8,7 @@ costs minutes. The run reads a raw dataset outside its working folder, as real d
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -62,18 +63,23 @@ def write_config(path: Path, raw: Path, **changes: dict) -> Path:
 
 @pytest.fixture(scope="session")
 def raw_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny demo dataset as a raw FLARE layout outside any run folder (the workflow must only read it)."""
+    """The tiny demo dataset as a raw FLARE layout outside any run folder (the workflow must only read it). Its
+    file_states when written are kept next to it (raw_states), so a test can check that no run changed it."""
     shared = shared_tmp(tmp_path_factory)
     raw = shared / "raw"
     with FileLock(str(shared / "raw.lock")):
-        if not (shared / "raw.done").exists():
+        if not raw_states(raw).exists():
             build = shared / "raw_build"
             shutil.rmtree(build, ignore_errors=True)
             run_workflow(build, "demo_dataset")
             shutil.rmtree(raw, ignore_errors=True)
             shutil.copytree(build / "results" / "demo", raw)
-            (shared / "raw.done").touch()
+            raw_states(raw).write_text(json.dumps(file_states(raw)))
     return raw
+
+
+def raw_states(raw: Path) -> Path:
+    return raw.parent / "raw_states.json"
 
 
 @pytest.fixture(scope="session")
