@@ -22,8 +22,8 @@ from filelock import FileLock
 
 from conftest import TINY_CONFIG, run_workflow
 
-# Stages downstream of the label merge, and the ones it must never touch.
-MERGE_AND_DOWNSTREAM = {"merge_case", "merge_summary"}
+# The label merge's rules, and the stages before it that a merge setting must never rerun (with teacher_*, pseudo_*).
+MERGE_RULES = {"merge_case", "merge_summary"}
 UPSTREAM_OF_MERGE = {"demo_dataset", "qc_case", "qc_summary", "stats_case", "stats_aggregate", "split"}
 # Outputs compared byte for byte between two runs of the same config: those that are a pure function of the data
 # and config. nnU-Net's teacher training is not bitwise reproducible, so the teacher's model and everything built
@@ -169,13 +169,13 @@ def test_merge_setting_reruns_merge_and_downstream_only(
     workdir = copy_run(completed_run, tmp_path / "run")
     changed = write_config(tmp_path / "changed.yaml", raw_dataset, merge={"min_confidence": 0.5})
     jobs = planned_jobs(workdir, changed)
-    assert MERGE_AND_DOWNSTREAM | {"student_train", "evaluate_experiment"} <= set(jobs), jobs
+    assert MERGE_RULES | {"student_train", "evaluate_experiment"} <= set(jobs), jobs
     untouched = {rule for rule in jobs if rule.startswith(("teacher_", "pseudo_"))} | (UPSTREAM_OF_MERGE & set(jobs))
     assert not untouched, jobs
     # and for real, up to the merge: only merge jobs run, and the stricter threshold changes merged labels
     before = file_states(workdir / "results")
     ran = executed_rules(output_of(run_workflow(workdir, "--until", "merge_summary", config=changed)))
-    assert set(ran) == MERGE_AND_DOWNSTREAM, ran
+    assert set(ran) == MERGE_RULES, ran
     after = file_states(workdir / "results")
     assert after["merged/summary.tsv"][1] != before["merged/summary.tsv"][1]
 
