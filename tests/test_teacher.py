@@ -75,6 +75,15 @@ def test_dataset_links_labels_usable_as_is(tmp_path):
     assert dataset[LABEL_IDS_KEY] == {"1": 1, "2": 2, "3": 3, "4": 14}
 
 
+def test_dataset_rebuild_drops_cases_that_left_the_split(tmp_path):
+    cases = [tn.make_case(tmp_path, f"c{i}", i) for i in range(2)]
+    root = tmp_path / "raw" / "Dataset984_x"
+    build_dataset(cases, root, [1], tn.LABEL_NAMES)
+    assert build_dataset(cases[1:], root, [1], tn.LABEL_NAMES)["numTraining"] == 1
+    assert [p.name for p in (root / "imagesTr").iterdir()] == ["c1_0000.nii.gz"]
+    assert [p.name for p in (root / "labelsTr").iterdir()] == ["c1.nii.gz"]
+
+
 def test_dataset_rejects_unknown_label_values_naming_case_and_file(tmp_path):
     label = tn.make_label(0)
     label[0, 0, 0] = 7

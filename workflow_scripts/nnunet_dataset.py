@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,7 +102,9 @@ def build_dataset(cases: Sequence[TrainingCase], root: str | os.PathLike, classe
                   label_names: Mapping[int, str]) -> dict:
     """Write an nnU-Net raw dataset for ``cases`` learning ``classes`` into ``root`` and return its dataset.json.
 
-    dataset.json is written last, so a folder without it is an unfinished conversion.
+    The folder is rebuilt from scratch (it holds only links and remapped labels): nnU-Net trains on whatever
+    imagesTr/ holds, so a case that left the split must not linger. dataset.json is written last, so a folder
+    without it is an unfinished conversion.
     """
     from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
 
@@ -111,8 +114,10 @@ def build_dataset(cases: Sequence[TrainingCase], root: str | os.PathLike, classe
     if missing:
         raise ValueError(f"classes {missing} are not in the label map")
     root = Path(root)
+    (root / "dataset.json").unlink(missing_ok=True)
     for sub in ("imagesTr", "labelsTr"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(root / sub, ignore_errors=True)
+        (root / sub).mkdir(parents=True)
     mapping = label_mapping(classes)
     ending = file_ending(cases[0].image)
     rewritten = [add_case(case, root, mapping, set(label_names), ending) for case in cases]
