@@ -189,3 +189,9 @@ def training_label(case, source):
     if source == "raw":
         raise ValueError(f"case {case!r} is unlabeled: it has no raw label")
     raise ValueError(f"label source must be 'merged' or 'raw', got {source!r}")
+
+
+def runtime_by_attempt(minutes):
+    """Runtime in minutes that grows with each retry: a training killed at its time limit resumes from its
+    checkpoint with more time, instead of being killed at the same point again."""
+    return lambda wildcards, attempt: minutes * attempt

@@ -68,7 +68,7 @@ rule student_train:
     threads: config["student"]["threads"]
     resources:
         mem_mb=config["student"]["mem_mb"],
-        runtime=config["student"]["runtime"],
+        runtime=runtime_by_attempt(config["student"]["runtime"]),
         gpu=int(config["device"] == "cuda"),
     params:
         py=PY,

@@ -148,7 +148,7 @@ rule teacher_train:
     threads: TEACHER["threads"]
     resources:
         mem_mb=TEACHER["mem_mb"],
-        runtime=TEACHER["runtime"],
+        runtime=runtime_by_attempt(TEACHER["runtime"]),
         gpu=int(config["device"] == "cuda"),
     params:
         py=PY,

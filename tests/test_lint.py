@@ -24,8 +24,8 @@ def test_snakemake_lint_is_clean(tmp_path) -> None:
     assert proc.returncode == 0 and "Congratulations" in output, output[-5000:]
 
 
-def test_every_rule_declares_log_benchmark_and_resources(tmp_path) -> None:
-    """Parse the workflow and inspect each rule object, so a cluster can schedule every job."""
+def _rules(tmp_path) -> dict:
+    """Each rule's log/benchmark presence, resource names and runtime at attempts 1 and 2, from the parsed workflow."""
     code = f"""
 import json, sys
 from pathlib import Path
@@ -38,14 +38,22 @@ with SnakemakeApi() as api:
     for rule in wf._workflow.rules:
         if rule.name == "all":
             continue
+        runtime = rule.resources.get("runtime")
         out[rule.name] = dict(log=bool(rule.log), benchmark=rule.benchmark is not None,
-                              resources=sorted(rule.resources))
+                              resources=sorted(rule.resources),
+                              runtime=[runtime.evaluate({{}}, attempt=a).value for a in (1, 2)])
     print(json.dumps(out))
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rules = json.loads(proc.stdout.strip().splitlines()[-1])
     assert rules, "no rules found"
+    return rules
+
+
+def test_every_rule_declares_log_benchmark_and_resources(tmp_path) -> None:
+    """Parse the workflow and inspect each rule object, so a cluster can schedule every job."""
+    rules = _rules(tmp_path)
     missing = []
     for name, info in rules.items():
         for key in ("log", "benchmark"):
@@ -55,3 +63,12 @@ with SnakemakeApi() as api:
             if res not in info["resources"]:
                 missing.append(f"{name}: no resources.{res}")
     assert not missing, "\n".join(missing)
+
+
+def test_training_rules_get_more_time_on_each_retry(tmp_path) -> None:
+    """A training killed at its time limit is retried (SLURM profile: retries) and resumes from its checkpoint; the
+    retry must get more time than the attempt that was killed."""
+    rules = _rules(tmp_path)
+    for name in ("teacher_train", "student_train", "student_nnunet_train"):
+        first, second = rules[name]["runtime"]
+        assert second == 2 * first > 0, (name, first, second)
