@@ -137,17 +137,6 @@ def test_dataset_cli_from_manifest(tmp_path):
     assert dataset["numTraining"] == 2 and dataset["labels"]["ignore"] == IGNORE
 
 
-def test_rerun_after_finished_training_starts_afresh(tmp_path):
-    """Only checkpoint_best.pth left (finished run, final deleted by Snakemake): dropped; a killed run keeps it."""
-    (tmp_path / "checkpoint_best.pth").write_text("x")
-    (tmp_path / "checkpoint_latest.pth").write_text("x")
-    assert not ns.discard_finished_run(tmp_path)
-    (tmp_path / "checkpoint_latest.pth").unlink()
-    assert ns.discard_finished_run(tmp_path)
-    assert not (tmp_path / "checkpoint_best.pth").exists()
-    assert not ns.discard_finished_run(tmp_path)
-
-
 def test_manifest_round_trip(tmp_path):
     ns.write_manifest(tmp_path / "m.tsv", ["a", "b"], ["ia", "ib"], ["la", "lb"])
     assert ns.read_manifest(tmp_path / "m.tsv") == [ns.TrainingCase("a", "ia", "la"), ns.TrainingCase("b", "ib", "lb")]

@@ -203,3 +203,15 @@ def test_parse_fold():
 def test_model_folder_names_trainer_plans_and_configuration(tmp_path):
     folder = teacher.model_folder(tmp_path, "Dataset901_Teacher", "nnUNetPlannerResEncM", "3d_fullres")
     assert folder.name == f"{TRAINER_NAME}__nnUNetResEncUNetMPlans_wf__3d_fullres_wf"
+
+
+def test_rerun_after_finished_training_starts_afresh(tmp_path):
+    """Teacher and nnU-Net student: only checkpoint_best.pth left (a finished run whose checkpoint_final.pth
+    Snakemake deleted before a rerun) is dropped, so the rerun trains afresh; a killed run keeps it."""
+    (tmp_path / "checkpoint_best.pth").write_text("x")
+    (tmp_path / "checkpoint_latest.pth").write_text("x")
+    assert not teacher.discard_finished_run(tmp_path)
+    (tmp_path / "checkpoint_latest.pth").unlink()
+    assert teacher.discard_finished_run(tmp_path)
+    assert not (tmp_path / "checkpoint_best.pth").exists()
+    assert not teacher.discard_finished_run(tmp_path)

@@ -33,10 +33,7 @@ from .teacher import (
     configure_plans,
     custom_configuration,
     custom_plans_identifier,
-    dataset_name_of,
-    fold_name,
     model_folder,
-    parse_fold,
     plan_and_preprocess,
     train,
 )
@@ -155,30 +152,10 @@ def student_plans(plans: Mapping, planner: str, configuration: str, trainer_sett
     return result
 
 
-def discard_finished_run(fold_dir: str | Path) -> bool:
-    """Delete checkpoint_best.pth when it is all that is left of a finished run; return whether it was.
-
-    nnU-Net deletes checkpoint_latest.pth when a training finishes, and Snakemake deletes the declared
-    checkpoint_final.pth before it reruns the job (e.g. after the merged labels changed). nnU-Net's resume would then
-    fall back to checkpoint_best.pth and merely continue the old model from its best epoch; a rerun must train
-    afresh. A killed run always has checkpoint_latest.pth (or nothing worth resuming yet), so it still resumes.
-    """
-    fold_dir = Path(fold_dir)
-    best = fold_dir / "checkpoint_best.pth"
-    if best.exists() and not any((fold_dir / name).exists() for name in ("checkpoint_latest.pth",
-                                                                         "checkpoint_final.pth")):
-        best.unlink()
-        return True
-    return False
-
-
 def train_model(root: str | Path, dataset_id: int, planner: str, configuration: str, batch_size: int,
                 fold: str | int, device: str, threads: int) -> Path:
-    """Train (or resume) the batch-size ``batch_size`` model; returns its checkpoint_final.pth."""
-    dataset = dataset_name_of(root, dataset_id)
-    fold_dir = student_model_folder(root, dataset, planner, configuration, batch_size) / fold_name(parse_fold(fold))
-    if discard_finished_run(fold_dir):
-        print(f"{fold_dir}: only checkpoint_best.pth of a finished run was left, training afresh")
+    """Train (or resume; a finished run's leftovers are discarded by ``teacher.train``) the batch-size
+    ``batch_size`` model; returns its checkpoint_final.pth."""
     return train(root, dataset_id, planner, batch_configuration(configuration, batch_size), fold, device, threads)
 
 

@@ -26,7 +26,7 @@ from typing import Mapping, Sequence
 
 import pandas as pd
 
-from .nnunet_dataset import dataset_name, label_ids_of
+from .nnunet_dataset import label_ids_of
 from .nnunet_ext import SETTINGS_KEY, TRAINER_NAME, configure_environment
 from .volume_io import write_text
 
@@ -160,6 +160,23 @@ def configure_plans(plans: Mapping, planner: str, configuration: str, trainer_se
     return plans
 
 
+def discard_finished_run(fold_dir: str | Path) -> bool:
+    """Delete checkpoint_best.pth when it is all that is left of a finished run; return whether it was.
+
+    nnU-Net deletes checkpoint_latest.pth when a training finishes, and Snakemake deletes the declared
+    checkpoint_final.pth before it reruns the job (e.g. after the merged labels changed). nnU-Net's resume would then
+    fall back to checkpoint_best.pth and merely continue the old model from its best epoch; a rerun must train
+    afresh. A killed run always has checkpoint_latest.pth (or nothing worth resuming yet), so it still resumes.
+    """
+    fold_dir = Path(fold_dir)
+    best = fold_dir / "checkpoint_best.pth"
+    if best.exists() and not any((fold_dir / name).exists() for name in ("checkpoint_latest.pth",
+                                                                         "checkpoint_final.pth")):
+        best.unlink()
+        return True
+    return False
+
+
 def discard_stale_checkpoints(fold_dir: Path, plans: Mapping, dataset_json: Mapping) -> list[str]:
     """Delete checkpoints written under other plans or another dataset; return the names removed.
 
@@ -202,6 +219,8 @@ def train(root: str | Path, dataset_id: int, planner: str, configuration: str, f
     removed = discard_stale_checkpoints(fold_dir, plans, dataset_json)
     if removed:
         print(f"plans or dataset changed since the last training: removed {removed}, starting afresh")
+    if discard_finished_run(fold_dir):
+        print(f"{fold_dir}: only checkpoint_best.pth of a finished run was left, training afresh")
     if device == "cpu":
         torch.set_num_threads(threads)
     run_training(str(dataset_id), custom_configuration(configuration), fold, TRAINER_NAME,
