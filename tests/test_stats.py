@@ -53,6 +53,14 @@ def assert_matches(table: pd.DataFrame, label: np.ndarray, voxel_mm3: float, con
         assert got[c][1] == pytest.approx(want[c][1])
 
 
+@pytest.mark.parametrize("connectivity", [6, 18, 26])
+def test_components_of_a_mask_one_voxel_thick_in_two_axes(connectivity: int) -> None:
+    """Found by hypothesis: cc3d raised on such boolean masks with 26-connectivity; two separate voxels here."""
+    label = np.zeros((3, 4, 6), dtype=np.uint8)
+    label[0, 0, 0] = label[2, 0, 0] = 1
+    assert_matches(stats.class_statistics(label, 2.5, CLASSES, connectivity), label, 2.5, connectivity)
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     label=arrays(np.uint8, st.tuples(st.integers(1, 7), st.integers(1, 9), st.integers(1, 9)),

@@ -68,7 +68,10 @@ def class_statistics(
                 continue
             mask = crop[class_box] == class_id
             voxels = int(np.count_nonzero(mask))
-            components = int(cc3d.connected_components(mask, connectivity=connectivity, return_N=True)[1])
+            # uint8 view, not bool: cc3d 4.1.1 miscounts its union-find size for boolean 26-connected inputs that
+            # are one voxel thick in two axes (e.g. a 3x1x1 mask [1, 0, 1]) and raises "maximum length exception"
+            components = int(cc3d.connected_components(mask.view(np.uint8), connectivity=connectivity,
+                                                        return_N=True)[1])
             info = classes.get(class_id, LabelClass(class_id, f"class_{class_id}", "unknown"))
             starts = [int(o + s.start) for o, s in zip(offset, class_box)]
             stops = [int(o + s.stop) for o, s in zip(offset, class_box)]
