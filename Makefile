@@ -16,7 +16,9 @@ $(VENV)/.installed: requirements.lock
 
 setup: $(VENV)/.installed
 
+# The split first: one invocation would retrain the teacher after any label edit (README, "Rerunning stages").
 run: setup
+	$(BIN)/snakemake --cores $(CORES) --until split
 	$(BIN)/snakemake --cores $(CORES)
 	$(BIN)/snakemake --cores 1 --report results/report.zip
 

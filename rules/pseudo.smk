@@ -1,7 +1,8 @@
 # Rules of the pseudo stage: the teacher's TTA pseudo-labels and confidence maps for the weak cases (and the
-# unlabeled ones with pseudo.include_unlabeled; workflow_scripts/pseudo_labels.py). One job per shard of
-# pseudo.shard_size cases loads the model once and writes results/pseudo/shards/{shard}/; a local per-case rule
-# hard-links each case's two files to results/pseudo/, so every case is its own artifact for the merge.
+# unlabeled ones with pseudo.include_unlabeled; workflow_scripts/pseudo_labels.py). One job per shard of about
+# pseudo.shard_size cases (named after its first case; shards stay put when cases are added, see shard_cases) loads
+# the model once and writes results/pseudo/shards/{shard}/; a local per-case rule hard-links each case's two files
+# to results/pseudo/, so every case is its own artifact for the merge.
 
 import json
 
@@ -27,7 +28,7 @@ rule pseudo_shard:
     benchmark:
         bench_path("pseudo_shard", "{shard}")
     wildcard_constraints:
-        shard="[0-9]+",
+        shard="[A-Za-z0-9][A-Za-z0-9._-]*",
     conda:
         "../envs/nnunet.yaml"
     threads: PSEUDO["threads"]

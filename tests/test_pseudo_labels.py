@@ -20,14 +20,29 @@ LABELS = [{"id": i, "name": n, "kind": "lesion" if i == 14 else "organ"} for i, 
 POSTPROCESS = {"organ": {"keep_largest": 1, "min_size_mm3": 0}, "lesion": {"keep_largest": 0, "min_size_mm3": 10}}
 
 
-def test_shards_are_fixed_size_and_cover_every_case():
-    shards = pl.shard_cases(["a", "b", "c", "d", "e"], 2)
-    assert shards == {"0000": ["a", "b"], "0001": ["c", "d"], "0002": ["e"]}
-    assert pl.shard_of("e", shards) == "0002"
+def test_shards_cover_every_case_in_order_and_are_named_after_their_first_case():
+    cases = [f"FLARE23_{i:04d}" for i in range(1, 401)]
+    shards = pl.shard_cases(cases, 10)
+    assert [case for members in shards.values() for case in members] == cases
+    assert all(name == members[0] for name, members in shards.items())
+    assert all(1 <= len(members) <= 20 for members in shards.values())
+    assert 20 <= len(shards) <= 80  # 10 cases per shard on average
+    assert pl.shard_of("FLARE23_0007", shards) in shards
     with pytest.raises(ValueError, match="'x' gets no pseudo-label"):
         pl.shard_of("x", shards)
     with pytest.raises(ValueError):
         pl.shard_cases(["a"], 0)
+    assert pl.shard_cases(["a", "b", "c"], 1) == {"a": ["a"], "b": ["b"], "c": ["c"]}
+
+
+def test_adding_or_removing_a_case_changes_only_the_shard_around_it():
+    cases = [f"FLARE23_{i:04d}" for i in range(1, 401, 2)]
+    before = pl.shard_cases(cases, 8)
+    for changed in (sorted(cases + ["FLARE23_0100"]), [case for case in cases if case != "FLARE23_0101"]):
+        after = pl.shard_cases(changed, 8)
+        rerun = [name for name, members in after.items() if before.get(name) != members]
+        assert 1 <= len(rerun) <= 2, rerun
+        assert sum(len(after[name]) for name in rerun) <= 4 * 8
 
 
 def test_confidence_is_stored_as_rounded_bytes():

@@ -16,7 +16,10 @@ import subprocess
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
+import SimpleITK as sitk
 import yaml
 from filelock import FileLock
 
@@ -214,3 +217,54 @@ def test_deleted_pseudo_label_regenerates_that_case_only(
     rewritten = changed_files(before, file_states(workdir / "results"))
     assert f"pseudo/{case}.nii.gz" in rewritten
     assert rewritten - {"merged/summary.tsv"} == {path for path in rewritten if Path(path).name.startswith(case)}
+
+
+def add_class_box(label_file: Path, label: int) -> None:
+    """Annotate a small box of background voxels as ``label`` (an annotator adding a class to a partial label)."""
+    image = sitk.ReadImage(str(label_file))
+    array = sitk.GetArrayFromImage(image)
+    box = tuple(slice(size // 2 - 1, size // 2 + 1) for size in array.shape)
+    array[box] = np.where(array[box] == 0, label, array[box])
+    edited = sitk.GetImageFromArray(array)
+    edited.CopyInformation(image)
+    sitk.WriteImage(edited, str(label_file), useCompression=True)
+
+
+@pytest.mark.slow
+def test_new_and_edited_weak_cases_keep_teacher_and_other_pseudo_labels(raw_dataset: Path, tmp_path: Path) -> None:
+    """README "After adding cases or editing labels": with the split brought up to date first, an edited weak label
+    and a new weak case rerun the merge of those two cases and the pseudo-label of the new one; the teacher (its
+    strong cases are unchanged) and every other pseudo-label are kept. One case per pseudo shard, so positional
+    shards would rerun every case after the new one."""
+    raw = tmp_path / "raw"
+    shutil.copytree(raw_dataset, raw)
+    config = write_config(tmp_path / "config.yaml", raw, pseudo={"shard_size": 1})
+    workdir = tmp_path / "run"
+    run_workflow(workdir, "--until", "merge_summary", config=config)
+    split = pd.read_csv(workdir / "results" / "split" / "split.tsv", sep="\t", dtype={"classes": str})
+    weak = split[split["category"] == "weak"].assign(n=lambda t: t["classes"].str.count(",") + 1)
+    edited, classes = weak.sort_values("n").iloc[0][["case", "classes"]]
+    new_class = min(set(range(1, 14)) - {int(c) for c in classes.split(",")})
+    add_class_box(raw / "labelsTr" / f"{edited}.nii.gz", new_class)
+    first = sorted(weak["case"])[0]
+    added = f"{first}a"  # sorts right after the first weak case, before all the others
+    shutil.copy(raw / "imagesTr" / f"{first}_0000.nii.gz", raw / "imagesTr" / f"{added}_0000.nii.gz")
+    shutil.copy(raw / "labelsTr" / f"{first}.nii.gz", raw / "labelsTr" / f"{added}.nii.gz")
+    before = file_states(workdir / "results")
+
+    ran = executed_rules(output_of(run_workflow(workdir, "--until", "split", config=config)))
+    assert ran == Counter({"qc_case": 2, "stats_case": 2, "qc_summary": 1, "stats_aggregate": 1, "split": 1}), ran
+    split = pd.read_csv(workdir / "results" / "split" / "split.tsv", sep="\t", dtype={"classes": str}).set_index("case")
+    assert split.loc[added, "category"] == "weak"
+    assert split.loc[edited, "category"] == "weak" and str(new_class) in split.loc[edited, "classes"].split(",")
+
+    ran = executed_rules(output_of(run_workflow(workdir, "--until", "merge_summary", config=config)))
+    assert ran == Counter({"pseudo_shard": 1, "pseudo_case": 1, "merge_case": 2, "merge_summary": 1}), ran
+    rewritten = changed_files(before, file_states(workdir / "results"))
+    assert not any(path.startswith("teacher/") for path in rewritten), rewritten
+    pseudo = {path for path in rewritten if path.startswith("pseudo/")}
+    assert {f"pseudo/{added}.nii.gz", f"pseudo/{added}_confidence.nii.gz"} <= pseudo
+    assert all(path.startswith((f"pseudo/shards/{added}/", f"pseudo/{added}")) for path in pseudo), pseudo
+    assert {f"merged/{edited}.nii.gz", f"merged/{added}.nii.gz"} <= rewritten
+    merged_label = sitk.GetArrayFromImage(sitk.ReadImage(str(workdir / "results" / "merged" / f"{edited}.nii.gz")))
+    assert (merged_label == new_class).any()

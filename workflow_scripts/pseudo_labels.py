@@ -17,6 +17,7 @@ so every case is its own artifact in the DAG while the model is loaded once per 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -32,12 +33,34 @@ from .volume_io import CaseError, Geometry, write_volume
 CONFIDENCE_SUFFIX = "_confidence"
 
 
+def starts_shard(case: str, shard_size: int) -> bool:
+    """Whether a content-defined cut falls before ``case``: its id hashes to 0 modulo ``shard_size``.
+
+    A stable hash (not Python's per-process ``hash``), so every Snakemake process derives the same shards.
+    """
+    digest = hashlib.blake2b(case.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % shard_size == 0
+
+
 def shard_cases(cases: Sequence[str], shard_size: int) -> dict[str, list[str]]:
-    """Cases in fixed-size shards named 0000, 0001, ... (in the given order)."""
+    """Cases (in the given order) in shards of ``shard_size`` cases on average, each named after its first case.
+
+    Why not fixed positional shards: adding a weak case, or a case changing category, would shift every later case
+    into another shard and rerun all of their pseudo-labelling (hours on thousands of cases). Here a shard ends
+    before a case chosen by its id's hash (about one in ``shard_size``), or after ``2 * shard_size`` cases at the
+    latest, so such a change reruns the shard around it and leaves the others' members and names as they were.
+    """
     if shard_size < 1:
         raise ValueError(f"shard size must be >= 1, got {shard_size}")
-    return {f"{start // shard_size:04d}": list(cases[start:start + shard_size])
-            for start in range(0, len(cases), shard_size)}
+    shards: dict[str, list[str]] = {}
+    current: list[str] = []
+    for case in cases:
+        if current and (starts_shard(case, shard_size) or len(current) >= 2 * shard_size):
+            current = []
+        if not current:
+            shards[case] = current
+        current.append(case)
+    return shards
 
 
 def shard_of(case: str, shards: Mapping[str, Sequence[str]]) -> str:
