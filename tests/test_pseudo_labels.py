@@ -1,17 +1,16 @@
 """Tests of the pseudo-labels: shards, confidence encoding, connected-component cleanup, geometry, the shard CLI
-(complete folder or none) and the teacher -> pseudo-label part of the workflow on the tiny config."""
+(complete folder or none). The workflow part (teacher -> pseudo-labels -> merge on the tiny config) is in
+test_reruns.py, which also changes the data afterwards."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import SimpleITK as sitk
 
 import tiny_nnunet as tn
-from conftest import run_workflow
 from workflow_scripts import pseudo_labels as pl
 from workflow_scripts.postprocess import ComponentRule
 from workflow_scripts.volume_io import Geometry
@@ -104,23 +103,3 @@ def test_shard_with_a_bad_case_leaves_no_folder(tmp_path_factory, tmp_path):
     assert not out.exists()
     with pytest.raises(SystemExit, match="incomplete"):
         pl.main(_shard_argv({"model": tmp_path / "no_model"}, ["ok"], [model["cases"][0].image], out))
-
-
-@pytest.mark.slow
-def test_workflow_teacher_and_pseudo_labels_on_tiny_config(tmp_path):
-    """Teacher training, validation table, test predictions and pseudo-labels of every weak case, end to end."""
-    run_workflow(tmp_path, "results/teacher/validation.tsv", "results/teacher/pred/efficiency/0000.tsv")
-    split = pd.read_csv(tmp_path / "results" / "split" / "split.tsv", sep="\t")
-    weak = split.loc[split["category"] == "weak", "case"].tolist()
-    assert weak
-    run_workflow(tmp_path, *[f"results/pseudo/{case}_confidence.nii.gz" for case in weak])
-    for case in weak:
-        image = sitk.ReadImage(str(next((tmp_path / "results" / "demo").rglob(f"{case}_0000.nii.gz"))))
-        for name in (f"{case}.nii.gz", f"{case}_confidence.nii.gz"):
-            written = sitk.ReadImage(str(tmp_path / "results" / "pseudo" / name))
-            assert written.GetPixelID() == sitk.sitkUInt8 and Geometry.of(written) == Geometry.of(image)
-    validation = pd.read_csv(tmp_path / "results" / "teacher" / "validation.tsv", sep="\t")
-    assert validation["class_id"].tolist() == list(range(1, 14)) + [0]
-    assert validation["dice"].between(0, 1).all()
-    dry = run_workflow(tmp_path, "-n", *[f"results/pseudo/{case}.nii.gz" for case in weak])
-    assert "Nothing to be done" in dry.stdout + dry.stderr

@@ -24,6 +24,7 @@ import yaml
 from filelock import FileLock
 
 from conftest import TINY_CONFIG, run_workflow
+from workflow_scripts.volume_io import Geometry
 
 # The label merge's rules, and the stages before it that a merge setting must never rerun (with teacher_*, pseudo_*).
 MERGE_RULES = {"merge_case", "merge_summary"}
@@ -231,18 +232,28 @@ def add_class_box(label_file: Path, label: int) -> None:
 
 
 @pytest.mark.slow
-def test_new_and_edited_weak_cases_keep_teacher_and_other_pseudo_labels(raw_dataset: Path, tmp_path: Path) -> None:
-    """README "After adding cases or editing labels": with the split brought up to date first, an edited weak label
-    and a new weak case rerun the merge of those two cases and the pseudo-label of the new one; the teacher (its
-    strong cases are unchanged) and every other pseudo-label are kept. One case per pseudo shard, so positional
-    shards would rerun every case after the new one."""
+def test_teacher_and_pseudo_labels_then_new_and_edited_weak_cases(raw_dataset: Path, tmp_path: Path) -> None:
+    """Teacher (validation table, test predictions), pseudo-labels and merge end to end; then README "After adding
+    cases or editing labels": with the split brought up to date first, an edited weak label and a new weak case
+    rerun the merge of those two cases and the pseudo-label of the new one; the teacher (its strong cases are
+    unchanged) and every other pseudo-label are kept. One case per pseudo shard, so positional shards would rerun
+    every case after the new one. (One test, so the suite trains this tiny teacher once.)"""
     raw = tmp_path / "raw"
     shutil.copytree(raw_dataset, raw)
     config = write_config(tmp_path / "config.yaml", raw, pseudo={"shard_size": 1})
     workdir = tmp_path / "run"
-    run_workflow(workdir, "--until", "merge_summary", config=config)
+    run_workflow(workdir, "results/merged/summary.tsv", "results/teacher/validation.tsv",
+                 "results/teacher/pred/efficiency/0000.tsv", config=config)
+    validation = pd.read_csv(workdir / "results" / "teacher" / "validation.tsv", sep="\t")
+    assert validation["class_id"].tolist() == list(range(1, 14)) + [0]
+    assert validation["dice"].between(0, 1).all()
     split = pd.read_csv(workdir / "results" / "split" / "split.tsv", sep="\t", dtype={"classes": str})
     weak = split[split["category"] == "weak"].assign(n=lambda t: t["classes"].str.count(",") + 1)
+    for case in weak["case"]:
+        image = sitk.ReadImage(str(raw / "imagesTr" / f"{case}_0000.nii.gz"))
+        for name in (f"{case}.nii.gz", f"{case}_confidence.nii.gz"):
+            written = sitk.ReadImage(str(workdir / "results" / "pseudo" / name))
+            assert written.GetPixelID() == sitk.sitkUInt8 and Geometry.of(written) == Geometry.of(image)
     edited, classes = weak.sort_values("n").iloc[0][["case", "classes"]]
     new_class = min(set(range(1, 14)) - {int(c) for c in classes.split(",")})
     add_class_box(raw / "labelsTr" / f"{edited}.nii.gz", new_class)
