@@ -29,7 +29,6 @@ from workflow_scripts.merge import (
     merged_dtype,
     rule_inputs,
     settings_from_config,
-    summary_table,
     value_counts,
 )
 from workflow_scripts.volume_io import CaseError

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from workflow_scripts.postprocess import ComponentRule, clean_components, rules_from_config
 
