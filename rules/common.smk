@@ -11,6 +11,7 @@ sys.path.insert(0, workflow.basedir)
 
 from workflow_scripts.demo_plan import plan as demo_plan
 from workflow_scripts.layout import demo_layout, discover_cases
+from workflow_scripts.pseudo_labels import shard_cases
 
 RESULTS = config["results"]
 LABELS = {entry["id"]: entry for entry in config["labels"]}
@@ -166,6 +167,22 @@ def efficiency_tables(experiment):
 
 # The label map as the stage CLIs take it (--label-map ID:NAME:KIND ...).
 LABEL_MAP_ARG = " ".join(f"{i}:{e['name']}:{e['kind']}" for i, e in LABELS.items())
+
+
+# Pseudo-labels (rules/pseudo.smk).
+def pseudo_shards():
+    """Shards of the cases to pseudo-label (name -> cases). Weak and unlabeled cases are sharded separately, so
+    switching pseudo.include_unlabeled on adds shards instead of moving weak cases into other ones.
+    """
+    categories = ["weak"] + (
+        ["unlabeled"] if config["pseudo"]["include_unlabeled"] else []
+    )
+    shards = {}
+    for category in categories:
+        shards.update(
+            shard_cases(cases_by_category(category), config["pseudo"]["shard_size"])
+        )
+    return shards
 
 
 # Merged labels (rules/merge.smk), also what the student stages train on.

@@ -1,25 +1,20 @@
 # Rules of the pseudo stage: the teacher's TTA pseudo-labels and confidence maps for the weak cases (and the
 # unlabeled ones with pseudo.include_unlabeled; workflow_scripts/pseudo_labels.py). One job per shard of about
-# pseudo.shard_size cases (named after its first case; shards stay put when cases are added, see shard_cases) loads
-# the model once and writes results/pseudo/shards/{shard}/; a local per-case rule hard-links each case's two files
-# to results/pseudo/, so every case is its own artifact for the merge.
-
+# pseudo.shard_size cases (pseudo_shards in common.smk: named after its first case, stable when cases are added)
+# loads the model once and writes results/pseudo/shards/{shard}/; a local per-case rule hard-links each case's two
+# files to results/pseudo/, so every case is its own artifact for the merge.
 import json
 
-from workflow_scripts.pseudo_labels import case_files, shard_cases, shard_of
+from workflow_scripts.pseudo_labels import case_files, shard_of
 
 PSEUDO = config["pseudo"]
-PSEUDO_CATEGORIES = ["weak"] + (["unlabeled"] if PSEUDO["include_unlabeled"] else [])
 
 
 rule pseudo_shard:
     input:
         model=TEACHER_CHECKPOINT,
         images=lambda wildcards: [
-            TRAIN[case]["image"]
-            for case in shard_cases(
-                cases_by_category(*PSEUDO_CATEGORIES), PSEUDO["shard_size"]
-            )[wildcards.shard]
+            TRAIN[case]["image"] for case in pseudo_shards()[wildcards.shard]
         ],
     output:
         directory(res("pseudo", "shards", "{shard}")),
@@ -42,11 +37,7 @@ rule pseudo_shard:
         fold=TEACHER["fold"],
         tta="--tta" if PSEUDO["tta"] else "--no-tta",
         device=config["device"],
-        cases=lambda wildcards: " ".join(
-            shard_cases(cases_by_category(*PSEUDO_CATEGORIES), PSEUDO["shard_size"])[
-                wildcards.shard
-            ]
-        ),
+        cases=lambda wildcards: " ".join(pseudo_shards()[wildcards.shard]),
         labels=json.dumps(config["labels"]),
         postprocess=json.dumps(config["postprocess"]),
     shell:
@@ -65,12 +56,7 @@ rule pseudo_case:
         lambda wildcards: res(
             "pseudo",
             "shards",
-            shard_of(
-                wildcards.case,
-                shard_cases(
-                    cases_by_category(*PSEUDO_CATEGORIES), PSEUDO["shard_size"]
-                ),
-            ),
+            shard_of(wildcards.case, pseudo_shards()),
         ),
     output:
         label=res("pseudo", "{case}.nii.gz"),

@@ -24,6 +24,7 @@ import yaml
 from filelock import FileLock
 
 from conftest import TINY_CONFIG, run_workflow
+from workflow_scripts.pseudo_labels import shard_cases
 from workflow_scripts.volume_io import Geometry
 
 # The label merge's rules, and the stages before it that a merge setting must never rerun (with teacher_*, pseudo_*).
@@ -182,6 +183,24 @@ def test_merge_setting_reruns_merge_and_downstream_only(
     assert set(ran) == MERGE_RULES, ran
     after = file_states(workdir / "results")
     assert after["merged/summary.tsv"][1] != before["merged/summary.tsv"][1]
+
+
+@pytest.mark.slow
+def test_including_unlabeled_cases_adds_their_pseudo_labels_only(
+    completed_run: Path, raw_dataset: Path, tmp_path: Path
+) -> None:
+    """Weak and unlabeled cases are sharded separately: switching pseudo.include_unlabeled on plans pseudo-labels for
+    the unlabeled cases and keeps every weak case's pseudo-label and the teacher."""
+    workdir = copy_run(completed_run, tmp_path / "run")
+    split = pd.read_csv(workdir / "results" / "split" / "split.tsv", sep="\t")
+    unlabeled = split.loc[split["category"] == "unlabeled", "case"].tolist()
+    assert unlabeled
+    changed = write_config(tmp_path / "changed.yaml", raw_dataset, pseudo={"include_unlabeled": True})
+    jobs = planned_jobs(workdir, changed)
+    shard_size = yaml.safe_load(changed.read_text())["pseudo"]["shard_size"]
+    assert jobs["pseudo_case"] == len(unlabeled), jobs
+    assert jobs["pseudo_shard"] == len(shard_cases(unlabeled, shard_size)), jobs
+    assert not any(rule.startswith("teacher_") for rule in jobs), jobs
 
 
 @pytest.mark.slow
