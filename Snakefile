@@ -19,7 +19,7 @@ include: "rules/common.smk"
 
 
 wildcard_constraints:
-    case="[A-Za-z0-9][A-Za-z0-9._-]*",
+    case=CASE_ID,
     experiment="[A-Za-z0-9_]+",
 
 

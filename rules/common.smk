@@ -1,5 +1,6 @@
 """Helpers shared by all stages (config derived values, case discovery, artifact paths)."""
 
+import functools
 import os
 import shlex
 import sys
@@ -12,6 +13,10 @@ sys.path.insert(0, workflow.basedir)
 from workflow_scripts.demo_plan import plan as demo_plan
 from workflow_scripts.layout import demo_layout, discover_cases
 from workflow_scripts.pseudo_labels import shard_cases
+from workflow_scripts.volume_io import CASE_ID_PATTERN
+
+# Wildcard constraint of case ids (and of pseudo shards, named after their first case).
+CASE_ID = CASE_ID_PATTERN.pattern.removeprefix("^").removesuffix("$")
 
 RESULTS = config["results"]
 LABELS = {entry["id"]: entry for entry in config["labels"]}
@@ -114,10 +119,23 @@ def qc_label_arg(wildcards, input):
     return f"--label {shlex.quote(input.label)}" if input.label else ""
 
 
+def split_version():
+    """Path and mtime of the split table: the cache key of what is derived from it, since input functions ask for
+    it once per case (thousands of times while the DAG is built) and it changes only when the split reruns.
+    """
+    path = checkpoints.split.get().output.split
+    return path, os.stat(path).st_mtime_ns
+
+
 def cases_by_category(*categories):
     """Accepted training cases of the given split categories (strong / weak / unlabeled), in split order."""
-    table = pd.read_csv(checkpoints.split.get().output.split, sep="\t")
-    return list(table.loc[table["category"].isin(categories), "case"])
+    return list(_cases_by_category(split_version(), categories))
+
+
+@functools.lru_cache(maxsize=32)
+def _cases_by_category(version, categories):
+    table = pd.read_csv(version[0], sep="\t")
+    return tuple(table.loc[table["category"].isin(categories), "case"])
 
 
 def all_targets():
@@ -171,9 +189,15 @@ LABEL_MAP_ARG = " ".join(f"{i}:{e['name']}:{e['kind']}" for i, e in LABELS.items
 
 # Pseudo-labels (rules/pseudo.smk).
 def pseudo_shards():
-    """Shards of the cases to pseudo-label (name -> cases). Weak and unlabeled cases are sharded separately, so
-    switching pseudo.include_unlabeled on adds shards instead of moving weak cases into other ones.
+    """Shards of the cases to pseudo-label (name -> cases; shared, do not modify). Weak and unlabeled cases are
+    sharded separately, so switching pseudo.include_unlabeled on adds shards instead of moving weak cases into other
+    ones. Computed once per split table (pseudo_case asks once per case).
     """
+    return _pseudo_shards(split_version())
+
+
+@functools.lru_cache(maxsize=4)
+def _pseudo_shards(version):
     categories = ["weak"] + (
         ["unlabeled"] if config["pseudo"]["include_unlabeled"] else []
     )

@@ -3,6 +3,7 @@
 # pseudo.shard_size cases (pseudo_shards in common.smk: named after its first case, stable when cases are added)
 # loads the model once and writes results/pseudo/shards/{shard}/; a local per-case rule hard-links each case's two
 # files to results/pseudo/, so every case is its own artifact for the merge.
+
 import json
 
 from workflow_scripts.pseudo_labels import case_files, shard_of
@@ -23,7 +24,7 @@ rule pseudo_shard:
     benchmark:
         bench_path("pseudo_shard", "{shard}")
     wildcard_constraints:
-        shard="[A-Za-z0-9][A-Za-z0-9._-]*",
+        shard=CASE_ID,
     conda:
         "../envs/nnunet.yaml"
     threads: PSEUDO["threads"]
@@ -66,7 +67,7 @@ rule pseudo_case:
     benchmark:
         bench_path("pseudo_case", "{case}")
     wildcard_constraints:
-        case="[A-Za-z0-9][A-Za-z0-9._-]*(?<!_confidence)",
+        case=f"{CASE_ID}(?<!_confidence)",
     conda:
         "../envs/base.yaml"
     threads: 1
