@@ -37,13 +37,14 @@ rule pseudo_shard:
         model=lambda wildcards, input: os.path.dirname(os.path.dirname(input.model)),
         fold=TEACHER["fold"],
         tta="--tta" if PSEUDO["tta"] else "--no-tta",
+        tta_batch=PSEUDO["tta_batch"],
         device=config["device"],
         cases=lambda wildcards: " ".join(pseudo_shards()[wildcards.shard]),
         labels=json.dumps(config["labels"]),
         postprocess=json.dumps(config["postprocess"]),
     shell:
         "{params.py}.pseudo_labels --models {params.model:q} --fold {params.fold}"
-        " {params.tta} --device {params.device} --threads {threads}"
+        " {params.tta} --tta-batch {params.tta_batch} --device {params.device} --threads {threads}"
         " --cases {params.cases} --images {input.images:q} --labels {params.labels:q}"
         " --postprocess {params.postprocess:q} --out {output:q} > {log:q} 2>&1"
 

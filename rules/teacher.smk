@@ -221,6 +221,7 @@ for teacher_shard, teacher_shard_cases in test_shards(shard_size_of("teacher")).
             model=lambda wildcards, input: os.path.dirname(os.path.dirname(input.model)),
             fold=TEACHER["fold"],
             tta="--tta" if config["pseudo"]["tta"] else "--no-tta",
+            tta_batch=config["pseudo"]["tta_batch"],
             device=config["device"],
             cases=" ".join(teacher_shard_cases),
             labels=json.dumps(config["labels"]),
@@ -228,7 +229,7 @@ for teacher_shard, teacher_shard_cases in test_shards(shard_size_of("teacher")).
             interval=config["eval"]["gpu_sample_interval_s"],
         shell:
             "{params.py}.nnunet_predict --models {params.model:q} --fold {params.fold}"
-            " {params.tta} --device {params.device} --threads {threads}"
+            " {params.tta} --tta-batch {params.tta_batch} --device {params.device} --threads {threads}"
             " --cases {params.cases} --images {input.images:q} --outputs {output.predictions:q}"
             " --efficiency {output.efficiency:q} --labels {params.labels:q}"
             " --postprocess {params.postprocess:q} --interval {params.interval} > {log:q} 2>&1"

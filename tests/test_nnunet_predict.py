@@ -67,6 +67,52 @@ def test_agrees_with_nnunet_predict_from_files(model, ensemble, oblique_case, tm
         assert confidence.shape == volume.shape and confidence.min() >= 1 / 3 - 1e-6 and confidence.max() <= 1 + 1e-6
 
 
+def test_zero_border_outside_nnunets_crop_box_is_certain_background(model, ensemble, tmp_path):
+    """nnU-Net crops a case to its non-zero box: outside it our labels are background with confidence 1, inside
+    they match nnU-Net's own prediction of the padded case."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    label = tn.make_label(3)
+    image = np.pad(tn.make_image(label, 3), ((2, 3), (4, 0), (0, 5)))
+    path = tn.write_array(image, tmp_path / "padded_0000.nii.gz")
+    reference = nnUNetPredictor(use_mirroring=True, device=ensemble.device, allow_tqdm=False)
+    reference.initialize_from_trained_model_folder(str(model["model"]), ("all",))
+    reference.predict_from_files_sequential([[path]], [str(tmp_path / "ref")], False, True, None)
+    expected = np.array([0, 1, 3])[sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "ref.nii.gz")))]
+    volume, geometry = read_volume(path, "padded")
+    labels, confidence = npred.predict_volume(ensemble, volume, geometry.spacing_zyx, with_confidence=True)
+    inside = (slice(2, -3), slice(4, None), slice(0, -5))
+    outside = np.ones(volume.shape, bool)
+    outside[inside] = False
+    assert labels.shape == confidence.shape == volume.shape
+    assert (labels[outside] == 0).all() and (confidence[outside] == 1).all()
+    assert confidence[inside].min() < 1 and np.mean(labels == expected) >= 0.995
+
+
+@pytest.mark.parametrize("source, target", [((5, 4, 6), (12, 9, 14)), ((7, 9, 8), (3, 9, 5)), ((4, 6, 5), (4, 11, 3))])
+def test_separable_resize_equals_trilinear_interpolation(source, target):
+    """Upsampling, downsampling, an unchanged axis: the same values as one trilinear interpolation."""
+    import torch
+    import torch.nn.functional as F
+
+    logits = torch.randn(3, *source, generator=torch.Generator().manual_seed(0))
+    expected = F.interpolate(logits[None], size=target, mode="trilinear", align_corners=False)[0]
+    resized = npred.resize_logits(logits, target)
+    assert resized.shape == (3, *target)
+    torch.testing.assert_close(resized, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_in_place_softmax_equals_torch_softmax_for_large_logits():
+    import torch
+
+    logits = torch.randn(4, 3, 5, 6, generator=torch.Generator().manual_seed(0)) * 50
+    logits[2, 0, 0, 0] = 1000.0  # exp overflows without the max subtracted
+    expected = torch.softmax(logits, dim=0)
+    result = npred.softmax_(logits)
+    assert result.data_ptr() == logits.data_ptr()
+    torch.testing.assert_close(result, expected)
+
+
 def test_shard_writes_exact_geometry_and_efficiency_rows(ensemble, oblique_case, model, tmp_path):
     outputs = {"obl": str(tmp_path / "obl.nii.gz"), "c0": str(tmp_path / "c0.nii.gz")}
     write = npred.cleaned_label_writer(outputs, NO_CLEANUP, LABELS)

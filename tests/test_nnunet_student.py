@@ -173,26 +173,29 @@ def test_trainer_draws_batches_of_the_configured_size(planned, batch):
     assert trainer.label_manager.has_ignore_label and trainer.label_manager.ignore_label == IGNORE
 
 
-def _count_forward_calls(ensemble, volume, spacing) -> int:
-    calls = []
-    hooks = [p.network.register_forward_hook(lambda *_: calls.append(1)) for p in ensemble.predictors]
+def _forward_batch_sizes(ensemble, volume, spacing) -> list[int]:
+    """Batch size of every network call while predicting ``volume``."""
+    sizes: list[int] = []
+    hooks = [p.network.register_forward_hook(lambda _net, inputs, _out: sizes.append(inputs[0].shape[0]))
+             for p in ensemble.predictors]
     predict_volume(ensemble, volume, spacing)
     for hook in hooks:
         hook.remove()
-    return len(calls)
+    return sizes
 
 
 def test_predictor_runs_without_mirroring(trained):
-    """--no-tta (what the predict rules pass): one network call per sliding window instead of one per mirroring."""
+    """--no-tta (what the predict rules pass): one patch per sliding window instead of one per mirroring; with TTA
+    the mirrored copies of a window go through the network in one call."""
     volume, geometry = read_volume(trained["cases"][0].image, "case0")
     plain = load_ensemble([trained["folders"][2]], "all", "cpu", tta=False)
     mirrored = load_ensemble([trained["folders"][2]], "all", "cpu", tta=True)
     assert not plain.predictors[0].use_mirroring
     axes = mirrored.predictors[0].allowed_mirroring_axes
-    assert axes, "the tiny model allows mirroring, so TTA would multiply the calls"
-    windows = _count_forward_calls(plain, volume, geometry.spacing_zyx)
-    assert windows > 0
-    assert _count_forward_calls(mirrored, volume, geometry.spacing_zyx) == windows * 2 ** len(axes)
+    assert axes, "the tiny model allows mirroring, so TTA would multiply the patches"
+    windows = _forward_batch_sizes(plain, volume, geometry.spacing_zyx)
+    assert windows and set(windows) == {1}
+    assert _forward_batch_sizes(mirrored, volume, geometry.spacing_zyx) == [2 ** len(axes)] * len(windows)
 
 
 def test_ensemble_averages_the_models_softmax(trained):
@@ -207,7 +210,11 @@ def test_ensemble_averages_the_models_softmax(trained):
         volume[None].astype(np.float32), None, {"spacing": list(geometry.spacing_zyx)}, first.plans_manager,
         first.configuration_manager, first.dataset_json)
     with torch.inference_mode():
-        softmax = [_probabilities(p, data, properties, pair.device).numpy() for p in pair.predictors]
+        softmax = []
+        for p in pair.predictors:
+            probabilities, box = _probabilities(p, data, properties, pair.device)
+            assert probabilities.shape[1:] == volume[box].shape == volume.shape  # CT noise: no empty border
+            softmax.append(probabilities.numpy())
     singles = [pair.label_ids[s.argmax(0)] for s in softmax]
     assert not np.array_equal(singles[0], singles[1]), "two different models are needed for a meaningful check"
     labels, _ = predict_volume(pair, volume, geometry.spacing_zyx)
