@@ -5,8 +5,9 @@ cases of the demo (config/config.yaml: its demo anatomy and its tiny teacher pla
 the same synthetic test volumes drawn at ``--shape``, both with mirroring TTA:
 
 - ours: ``nnunet_predict`` as the pseudo_shard rule runs it: one process, nnU-Net's preprocessing and sliding
-  window, the export with torch on the model's device, then connected-component cleanup and the uint8 label and
-  confidence files (``pseudo_labels.write_pseudo_label``);
+  window with the mirrored copies of each patch in one batch (``nnunet_mirroring``), the export with torch on the
+  model's device, then connected-component cleanup and the uint8 label and confidence files
+  (``pseudo_labels.write_pseudo_label``);
 - nnU-Net: ``nnUNetPredictor.predict_from_files`` with its defaults: background worker processes for
   preprocessing and export, the default export (scikit-image resampling of every class's logits on the CPU).
 
