@@ -47,14 +47,6 @@ def test_expanded_box_with_anisotropic_margin_clips_at_the_border() -> None:
     assert grown == (slice(0, 9), slice(15, 85), slice(0, 35))
 
 
-def test_foreground_box_is_tight_and_none_when_empty() -> None:
-    mask = np.zeros((6, 7, 8), bool)
-    assert data.foreground_box(mask) is None
-    mask[1, 2, 3] = mask[4, 5, 3] = True
-    assert data.foreground_box(mask) == (slice(1, 5), slice(2, 6), slice(3, 4))
-    assert data.foreground_box(torch.from_numpy(mask)) == (slice(1, 5), slice(2, 6), slice(3, 4))
-
-
 @settings(max_examples=40, deadline=None)
 @given(shape=st.tuples(*[st.integers(4, 40)] * 3), coarse=st.tuples(*[st.integers(4, 16)] * 3), data_=st.data())
 def test_scaled_box_covers_every_voxel_that_maps_into_the_coarse_box(shape, coarse, data_) -> None:

@@ -44,6 +44,15 @@ def test_keep_k_largest_and_input_untouched() -> None:
     np.testing.assert_array_equal(label, before)
 
 
+def test_empty_border_changes_nothing() -> None:
+    """The cleanup works inside the foreground box: padding the volume with background must commute with it."""
+    rules = {1: ComponentRule(1, 0), 2: ComponentRule(1, 0), 14: ComponentRule(0, 4.0)}
+    pad = ((3, 1), (0, 5), (2, 2))
+    padded = clean_components(np.pad(volume(), pad), (1, 1, 1), rules)
+    np.testing.assert_array_equal(padded, np.pad(clean_components(volume(), (1, 1, 1), rules), pad))
+    assert (padded == 1).sum() == 64 and (padded == 14).sum() == 26
+
+
 def test_empty_volume() -> None:
     empty = np.zeros((4, 4, 4), np.uint8)
     np.testing.assert_array_equal(clean_components(empty, (1, 1, 1), {1: ComponentRule(1, 0)}), empty)

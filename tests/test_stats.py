@@ -89,7 +89,6 @@ def test_realistic_label_with_several_components() -> None:
 
 def test_empty_label_has_no_rows() -> None:
     assert stats.class_statistics(np.zeros((4, 5, 6), np.uint8), 1.0, CLASSES).empty
-    assert stats.foreground_box(np.zeros((4, 5, 6), np.uint8)) is None
 
 
 def write_label(path: Path, label: np.ndarray, spacing=(0.5, 0.5, 2.0)) -> Path:

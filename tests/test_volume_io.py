@@ -11,6 +11,7 @@ from workflow_scripts.volume_io import (
     CaseError,
     Geometry,
     atomic_path,
+    foreground_box,
     read_label,
     read_volume,
     validate_case_id,
@@ -94,3 +95,13 @@ def test_geometry_mismatch_reports_first_difference() -> None:
     assert GEOMETRY.mismatch(moved).startswith("origin")
     finer = Geometry(GEOMETRY.size, (0.8, 0.7, 2.0), GEOMETRY.origin, GEOMETRY.direction)
     assert GEOMETRY.mismatch(finer).startswith("spacing")
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, bool, np.int16])
+def test_foreground_box_is_tight_and_none_when_empty(dtype) -> None:
+    mask = np.zeros((6, 7, 8), dtype)
+    assert foreground_box(mask) is None
+    mask[1, 2, 3] = mask[4, 5, 3] = 1
+    box = foreground_box(mask)
+    assert box == (slice(1, 5), slice(2, 6), slice(3, 4))
+    assert all(type(s.start) is int and type(s.stop) is int for s in box)

@@ -24,6 +24,8 @@ from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
 from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 from batchgeneratorsv2.transforms.utils.random import RandomTransform
 
+from .volume_io import foreground_box
+
 Box = tuple[slice, slice, slice]
 IGNORE_INDEX = 255  # class index of voxels the loss must skip (uint8, outside any real class index)
 
@@ -66,20 +68,6 @@ def model_input(volume: torch.Tensor, window: Sequence[float], size: Sequence[in
 
 
 # --- boxes, margins, crop / uncrop -------------------------------------------------------------------------------
-
-def foreground_box(mask: np.ndarray | torch.Tensor) -> Box | None:
-    """Tightest box around the nonzero voxels, or None when there are none."""
-    if isinstance(mask, torch.Tensor):
-        mask = mask.cpu().numpy()
-    if not mask.any():
-        return None
-    box = []
-    for axis in range(mask.ndim):
-        other = tuple(a for a in range(mask.ndim) if a != axis)
-        hits = np.flatnonzero(mask.any(axis=other))
-        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
-    return tuple(box)
-
 
 def margin_voxels(margin_mm: float | Sequence[float], spacing_zyx: Sequence[float]) -> tuple[int, ...]:
     """Millimetres to voxels per axis, rounded up so the physical margin is never smaller than asked.

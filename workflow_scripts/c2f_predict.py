@@ -24,7 +24,7 @@ from . import c2f_data as data
 from .c2f_model import EfficientSegNet, StudentSpec, autocast, load_model
 from .efficiency import ResourceSampler
 from .postprocess import ComponentRule, clean_components, rules_from_config
-from .volume_io import CaseError, atomic_path, read_volume, write_volume
+from .volume_io import CaseError, atomic_path, foreground_box, read_volume, write_volume
 
 EFFICIENCY_COLUMNS = ["Name", "Time", "MaxGPU_Mem", "AUC_GPU_Time", "ImageSize", "MemoryKind"]
 # dtypes torch can take straight from numpy; anything else is converted to float32 first
@@ -76,7 +76,7 @@ def coarse_box(student: Student, volume: torch.Tensor, spacing_zyx: Sequence[flo
     indices = student.classify(student.coarse, net_input).cpu().numpy()
     coarse_spacing = [s * n / c for s, n, c in zip(spacing_zyx, shape, student.spec.coarse_size)]
     labels = clean_components(to_label_ids(indices, student.spec.class_ids), coarse_spacing, rules)
-    box = data.foreground_box(labels)
+    box = foreground_box(labels)
     if box is None:
         return None
     margin = data.margin_voxels(margin_mm, spacing_zyx)

@@ -12,6 +12,8 @@ from typing import Mapping, Sequence
 import cc3d
 import numpy as np
 
+from .volume_io import foreground_box
+
 
 @dataclass(frozen=True)
 class ComponentRule:
@@ -35,12 +37,21 @@ def clean_components(
     """Return a copy of ``label`` with components removed per class rule; classes without a rule are untouched.
 
     One multi-label connected-components pass (cc3d) labels every class at once, so the cost does not grow with
-    the number of classes.
+    the number of classes, and it runs inside the foreground box only (no component leaves it): a FLARE-sized
+    prediction fills a fraction of the volume.
     """
+    box = foreground_box(label)
+    cleaned = label.copy()
+    if box is not None:
+        _remove_components(cleaned[box], spacing_zyx, rules, connectivity)
+    return cleaned
+
+
+def _remove_components(label: np.ndarray, spacing_zyx: Sequence[float], rules: Mapping[int, ComponentRule],
+                       connectivity: int) -> None:
+    """Set the voxels of every component that a rule drops to 0, in place (``label`` may be a view)."""
     components = cc3d.connected_components(label, connectivity=connectivity, out_dtype=np.uint32)
     n = int(components.max())
-    if n == 0:
-        return label.copy()
     sizes = np.bincount(components.ravel(), minlength=n + 1)
     # class of each component: any voxel of the component carries it
     component_class = np.zeros(n + 1, dtype=np.int64)
@@ -60,6 +71,4 @@ def clean_components(
             ranked_out[order[: rule.keep_largest]] = False
             drop |= ranked_out
         keep[ids[drop]] = False
-    cleaned = label.copy()
-    cleaned[~keep[components]] = 0
-    return cleaned
+    label[~keep[components]] = 0

@@ -23,7 +23,7 @@ import pandas as pd
 from scipy import ndimage
 
 from .qc import LabelClass, parse_label_map
-from .volume_io import CaseError, atomic_path, read_label, write_text
+from .volume_io import CaseError, atomic_path, foreground_box, read_label, write_text
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -31,21 +31,6 @@ if TYPE_CHECKING:
 
 CASE_COLUMNS = ["case", "class_id", "name", "kind", "voxels", "volume_ml", "components",
                 "bbox_z0", "bbox_y0", "bbox_x0", "bbox_z1", "bbox_y1", "bbox_x1"]
-
-
-def foreground_box(label: np.ndarray) -> tuple[slice, ...] | None:
-    """Bounding box (z, y, x slices) of all non-zero voxels, or None for an empty label.
-
-    Max projections are SIMD reductions, about 25x cheaper than a per-voxel bookkeeping pass: the z profile
-    first, then the y/x projection of the occupied slab only.
-    """
-    occupied_z = np.flatnonzero(label.max(axis=(1, 2)))
-    if occupied_z.size == 0:
-        return None
-    z0, z1 = occupied_z[0], occupied_z[-1] + 1
-    plane = label[z0:z1].max(axis=0)
-    ys, xs = np.flatnonzero(plane.max(axis=1)), np.flatnonzero(plane.max(axis=0))
-    return slice(z0, z1), slice(ys[0], ys[-1] + 1), slice(xs[0], xs[-1] + 1)
 
 
 def class_statistics(
