@@ -55,17 +55,16 @@ class BatchedMirroringPredictor(nnUNetPredictor):
             except torch.OutOfMemoryError:
                 if self.mirror_batch == 1:
                     raise
-                self.mirror_batch = max(self.mirror_batch // 2, 1)
+                self.mirror_batch //= 2
                 empty_cache(self.device)
                 print(f"out of memory: {self.mirror_batch} mirrored copies per forward pass from now on", flush=True)
 
     def _mean_over_mirrorings(self, x: torch.Tensor, flips: list[tuple[int, ...]]) -> torch.Tensor:
-        total = None
+        total, n = None, x.shape[0]
         for start in range(0, len(flips), self.mirror_batch):
             group = flips[start:start + self.mirror_batch]
             batch = torch.cat([torch.flip(x, dims) if dims else x for dims in group])
             out = self.network(batch)
-            n = x.shape[0]
             for k, dims in enumerate(group):
                 copy = torch.flip(out[k * n:(k + 1) * n], dims) if dims else out[k * n:(k + 1) * n]
                 total = copy.clone() if total is None else total.add_(copy)
