@@ -34,6 +34,7 @@ include: "rules/student.smk"
 include: "rules/student_nnunet.smk"
 include: "rules/evaluation.smk"
 include: "rules/report.smk"
+include: "rules/learning.smk"
 
 
 report: "report/workflow.rst"

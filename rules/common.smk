@@ -10,7 +10,7 @@ from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
 sys.path.insert(0, workflow.basedir)
 
-from workflow_scripts.demo_plan import plan as demo_plan
+from workflow_scripts.demo_plan import plan as demo_plan, truth_path
 from workflow_scripts.layout import demo_layout, discover_cases
 from workflow_scripts.pseudo_labels import shard_cases
 from workflow_scripts.volume_io import CASE_ID_PATTERN
@@ -90,6 +90,21 @@ else:
             DATA["label_suffix"],
         )
     }
+
+
+# Complete truth of training cases, where known (the demo's truthTr, or data.truth): scores the supplemented labels.
+if config["demo"]["enabled"]:
+    TRUTH = {case: truth_path(RESULTS, case) for case in TRAIN}
+elif DATA.get("truth"):
+    TRUTH = {
+        case: path
+        for case in TRAIN
+        if os.path.exists(
+            path := os.path.join(DATA["truth"], case + DATA["label_suffix"])
+        )
+    }
+else:
+    TRUTH = {}
 
 
 def train_image(wildcards):

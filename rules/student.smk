@@ -104,6 +104,7 @@ for student_shard, student_shard_cases in test_shards(
             efficiency=res(
                 "student", "{experiment}", "pred", "efficiency", f"{student_shard}.tsv"
             ),
+            boxes=res("student", "{experiment}", "pred", "boxes", f"{student_shard}.tsv"),
         log:
             log_path("student_predict", f"{{experiment}}_{student_shard}"),
         benchmark:
@@ -129,7 +130,7 @@ for student_shard, student_shard_cases in test_shards(
         shell:
             "{params.py}.c2f_predict --model {input.model:q} --cases {params.cases}"
             " --images {input.images:q} --outputs {output.predictions:q}"
-            " --efficiency {output.efficiency:q} --labels {params.labels:q}"
+            " --efficiency {output.efficiency:q} --boxes {output.boxes:q} --labels {params.labels:q}"
             " --postprocess {params.postprocess:q} --margin-mm {params.margin_mm}"
             " --device {params.device} --amp {params.amp} --threads {threads}"
             " --interval {params.interval} > {log:q} 2>&1"

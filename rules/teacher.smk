@@ -125,6 +125,13 @@ rule teacher_configure:
             f" --iterations-per-epoch {TEACHER['iterations_per_epoch']}"
             f" --val-iterations {TEACHER['val_iterations']}"
             f" --checkpoint-every {TEACHER['checkpoint_every']}"
+            f" --optimizer {TEACHER['optimizer']} --initial-lr {TEACHER['initial_lr']}"
+            f" --oversample-foreground {TEACHER['oversample_foreground']}"
+            + (
+                ""
+                if TEACHER["mirror_axes"] is None
+                else " --mirror-axes " + " ".join(str(a) for a in TEACHER["mirror_axes"])
+            )
         ),
     shell:
         "{params.py}.teacher configure {params.args} --base-plans {input:q}"

@@ -102,7 +102,7 @@ def test_output_has_the_exact_input_geometry(tmp_path) -> None:
     image.SetOrigin((-171.3, 12.25, -402.5))
     image.SetDirection((0, 1, 0, -1, 0, 0, 0, 0, 1))
     sitk.WriteImage(image, str(tmp_path / "case_0000.nii.gz"))
-    size = predict.predict_case(student, "case", str(tmp_path / "case_0000.nii.gz"), str(tmp_path / "out.nii.gz"),
+    size, _ = predict.predict_case(student, "case", str(tmp_path / "case_0000.nii.gz"), str(tmp_path / "out.nii.gz"),
                                 20, RULES)
     out = sitk.ReadImage(str(tmp_path / "out.nii.gz"))
     image = sitk.ReadImage(str(tmp_path / "case_0000.nii.gz"))  # as stored (NIfTI keeps float32 placement)
@@ -121,7 +121,8 @@ def _write_case(folder, case: str, shape=(8, 20, 16)) -> str:
 
 def _cli_args(tmp_path, cases, images, outputs) -> list[str]:
     return ["--model", str(tmp_path / "model.pt"), "--cases", *cases, "--images", *images, "--outputs", *outputs,
-            "--efficiency", str(tmp_path / "eff.tsv"), "--labels", json.dumps(LABELS),
+            "--efficiency", str(tmp_path / "eff.tsv"), "--boxes", str(tmp_path / "boxes.tsv"),
+            "--labels", json.dumps(LABELS),
             "--postprocess", json.dumps(POSTPROCESS), "--margin-mm", "20", "--interval", "0.01"]
 
 
@@ -138,6 +139,12 @@ def test_cli_predicts_a_shard_and_writes_one_efficiency_row_per_case(tmp_path) -
     assert table["Name"].tolist() == cases and table["ImageSize"].tolist() == ["16x20x8", "24x16x12"]
     assert (table["Time"] > 0).all() and (table["MaxGPU_Mem"] > 0).all()
     assert (table["MemoryKind"] == "rss").all()
+    boxes = pd.read_csv(tmp_path / "boxes.tsv", sep="\t")
+    assert list(boxes.columns) == predict.BOX_COLUMNS and boxes["case"].tolist() == cases
+    for row, shape in zip(boxes.itertuples(), [(8, 20, 16), (12, 16, 24)]):  # a box, or empty: the whole volume
+        if pd.notna(row.z0):
+            assert 0 <= row.z0 < row.z1 <= shape[0] and 0 <= row.y0 < row.y1 <= shape[1]
+            assert 0 <= row.x0 < row.x1 <= shape[2]
 
 
 def test_cli_names_an_unreadable_case_and_writes_no_table(tmp_path) -> None:

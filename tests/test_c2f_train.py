@@ -24,7 +24,7 @@ TINY_C2F = {
     "coarse_size": [8, 16, 16], "fine_size": [16, 32, 32], "window": [-325, 325], "margin_mm": 20,
     "train_margin_max_mm": 40, "channels": [8, 16], "coarse_channels": [4, 8], "inplane_pool_levels": 1,
     "epochs": 2, "iterations_per_epoch": 2, "batch_size": 1, "lr": 0.01, "weight_decay": 1e-5, "warmup_epochs": 0,
-    "checkpoint_every": 1, "val_fraction": 0.0, "seed": 0, "amp": "fp16",
+    "checkpoint_every": 1, "val_fraction": 0.0, "seed": 0, "amp": "fp16", "mirror_axes": [0, 1, 2],
 }
 
 

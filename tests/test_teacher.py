@@ -139,6 +139,34 @@ def test_trainer_uses_the_configured_schedule_and_batch_size(prepared):
     assert list(batch["data"].shape[2:]) == tn.TINY["patch_size"]
 
 
+def test_trainer_takes_optimiser_learning_rate_sampling_and_mirror_axes_from_the_plans(prepared):
+    """The learning settings reach nnU-Net: AdamW at the configured rate, the foreground share, and the mirrored
+    axes, which are also the axes the mirroring TTA uses (nnU-Net stores them in the checkpoint)."""
+    configure_environment(prepared["root"], 1)
+    from workflow_scripts.nnunet_ext.configurable_trainer import nnUNetTrainerConfigurable
+
+    configuration = teacher.custom_configuration(tn.CONFIGURATION)
+    settings = {"num_epochs": 2, "optimizer": "adamw", "initial_lr": 0.003, "oversample_foreground_percent": 1.0,
+                "mirror_axes": []}
+    plans = teacher.configure_plans(prepared["plans"], tn.PLANNER, tn.CONFIGURATION, settings)
+    trainer = nnUNetTrainerConfigurable({**plans, "continue_training": False}, configuration, "all",
+                                        prepared["dataset"], device=torch.device("cpu"))
+    trainer.initialize()
+    assert isinstance(trainer.optimizer, torch.optim.AdamW) and trainer.optimizer.param_groups[0]["lr"] == 0.003
+    assert trainer.oversample_foreground_percent == 1.0
+    assert trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()[3] == ()
+    assert trainer.inference_allowed_mirroring_axes == ()
+    default = nnUNetTrainerConfigurable({**prepared["plans"], "continue_training": False}, configuration, "all",
+                                        prepared["dataset"], device=torch.device("cpu"))
+    default.initialize()
+    assert isinstance(default.optimizer, torch.optim.SGD) and default.initial_lr == 0.01
+    assert default.configure_rotation_dummyDA_mirroring_and_inital_patch_size()[3] == (0, 1, 2)
+    bad = teacher.configure_plans(prepared["plans"], tn.PLANNER, tn.CONFIGURATION, {"optimizer": "lbfgs"})
+    with pytest.raises(ValueError, match="sgd or adamw"):
+        nnUNetTrainerConfigurable({**bad, "continue_training": False}, configuration, "all", prepared["dataset"],
+                                  device=torch.device("cpu"))
+
+
 def _train_command(prepared: dict) -> list[str]:
     model = teacher.model_folder(prepared["root"], prepared["name"], tn.PLANNER, tn.CONFIGURATION)
     return [sys.executable, "-m", "workflow_scripts.teacher", "train", "--root", str(prepared["root"]),

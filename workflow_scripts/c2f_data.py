@@ -211,10 +211,13 @@ def random_fine_sample(case: PreparedCase, fine_size: Sequence[int], max_margin_
     return fine_sample(case, fine_crop_box(case, before, after), fine_size)
 
 
-def augmentation_pipeline(fine_size: Sequence[int]) -> ComposeTransforms:
+def augmentation_pipeline(fine_size: Sequence[int], mirror_axes: Sequence[int] = (0, 1, 2)) -> ComposeTransforms:
     """Table 1 of the paper (MONAI names) expressed with batchgeneratorsv2 transforms, on [0, 1] images.
 
-    - RandFlipd x/y/z p=0.5 each: MirrorTransform flips each axis with probability 0.5.
+    - RandFlipd x/y/z p=0.5 each: MirrorTransform flips each of ``mirror_axes`` with probability 0.5. Mirroring a
+      left/right-labelled anatomy asks the network to find "right kidney" from context alone (the liver's side) in
+      eight orientations; on short schedules that costs most of the learning (README, "Learning"), so the axes
+      are a setting (``student.c2f.mirror_axes``; none mirrored = no MirrorTransform).
     - RandZoomd 0.9-1.2, p=0.15: SpatialTransform scaling; batchgenerators scales the sampling grid, so a zoom
       factor z is a scaling of 1/z (same factor on all axes, as RandZoomd does by default).
     - RandGaussianNoised std=0.01, p=0.15: GaussianNoiseTransform takes a variance range, here (0, 0.01^2).
@@ -223,8 +226,9 @@ def augmentation_pipeline(fine_size: Sequence[int]) -> ComposeTransforms:
     - RandAdjustContrastd p=0.15: MONAI's contrast adjustment is a gamma curve with gamma in (0.5, 4.5) on the
       min-max rescaled image, which is what GammaTransform does.
     """
+    mirroring = [MirrorTransform(allowed_axes=tuple(int(a) for a in mirror_axes))] if len(mirror_axes) else []
     return ComposeTransforms([
-        MirrorTransform(allowed_axes=(0, 1, 2)),
+        *mirroring,
         SpatialTransform(
             patch_size=tuple(fine_size), patch_center_dist_from_border=0, random_crop=False, p_scaling=0.15,
             scaling=(1 / 1.2, 1 / 0.9), p_synchronize_scaling_across_axes=1, mode_seg="nearest",

@@ -106,28 +106,41 @@ def segment(student: Student, volume: np.ndarray, spacing_zyx: Sequence[float], 
 
 
 def predict_case(student: Student, case: str, image_path: str, output_path: str, margin_mm: float,
-                 rules: Mapping[int, ComponentRule]) -> str:
-    """Read, segment and write one case; returns its size as ``XxYxZ`` (the paper's Table 6 convention)."""
+                 rules: Mapping[int, ComponentRule]) -> tuple[str, data.Box | None]:
+    """Read, segment and write one case; returns its size as ``XxYxZ`` (the paper's Table 6 convention) and the
+    fine stage's box (None: the coarse stage found nothing and the fine stage saw the whole volume)."""
     volume, geometry = read_volume(image_path, case)
     labels, box = segment(student, volume, geometry.spacing_zyx, margin_mm, rules)
     if box is None:
         print(f"{case}: the coarse stage found no foreground; the fine stage ran on the whole volume", flush=True)
     write_volume(output_path, labels, geometry)
-    return "x".join(str(n) for n in geometry.size)
+    return "x".join(str(n) for n in geometry.size), box
+
+
+BOX_COLUMNS = ["case", "z0", "z1", "y0", "y1", "x0", "x1"]
+
+
+def box_row(case: str, box: data.Box | None) -> list:
+    """One row of the boxes table: the fine stage's box as voxel index ranges [start, stop), empty when None."""
+    return [case, *([v for s in box for v in (s.start, s.stop)] if box is not None else [None] * 6)]
 
 
 def predict_shard(student: Student, cases: Sequence[str], images: Sequence[str], outputs: Sequence[str],
-                  margin_mm: float, rules: Mapping[int, ComponentRule], interval_s: float) -> pd.DataFrame:
-    """Predict every case of a shard, measuring each read->write with :class:`ResourceSampler`."""
-    rows = []
+                  margin_mm: float, rules: Mapping[int, ComponentRule], interval_s: float
+                  ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Predict every case of a shard, measuring each read->write with :class:`ResourceSampler`; returns the
+    efficiency table and the fine-stage boxes (evaluated against the truth by :mod:`c2f_stages`)."""
+    rows, boxes = [], []
     for case, image, output in zip(cases, images, outputs, strict=True):
         with ResourceSampler(student.device.type, interval_s) as sampler:
-            size = predict_case(student, case, image, output, margin_mm, rules)
+            size, box = predict_case(student, case, image, output, margin_mm, rules)
         usage = sampler.usage
+        boxes.append(box_row(case, box))
         rows.append([case, usage.time_s, usage.peak_mem_mb, usage.auc_mem_mb_s, size, usage.memory_kind])
         print(f"{case}: {size} in {usage.time_s:.2f}s, peak {usage.memory_kind} {usage.peak_mem_mb:.0f} MB",
               flush=True)
-    return pd.DataFrame(rows, columns=EFFICIENCY_COLUMNS)
+    return pd.DataFrame(rows, columns=EFFICIENCY_COLUMNS), pd.DataFrame(boxes, columns=BOX_COLUMNS).astype(
+        {c: "Int64" for c in BOX_COLUMNS[1:]})
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -137,6 +150,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--images", required=True, nargs="+", help="one image per case, same order")
     parser.add_argument("--outputs", required=True, nargs="+", help="one output label file per case, same order")
     parser.add_argument("--efficiency", required=True, help="output TSV, one row per case")
+    parser.add_argument("--boxes", required=True, help="output TSV: the fine stage's box per case")
     parser.add_argument("--labels", required=True, help="the label map (config 'labels') as JSON")
     parser.add_argument("--postprocess", required=True, help="the 'postprocess' config section as JSON")
     parser.add_argument("--margin-mm", type=float, required=True)
@@ -151,11 +165,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     rules = rules_from_config(json.loads(args.postprocess), json.loads(args.labels))
     student = Student.load(args.model, args.device, args.amp)
     try:
-        table = predict_shard(student, args.cases, args.images, args.outputs, args.margin_mm, rules, args.interval)
+        table, boxes = predict_shard(student, args.cases, args.images, args.outputs, args.margin_mm, rules,
+                                     args.interval)
     except CaseError as err:
         sys.exit(f"error: {err}")
     with atomic_path(args.efficiency) as tmp:
         table.to_csv(tmp, sep="\t", index=False, float_format="%.4f")
+    with atomic_path(args.boxes) as tmp:
+        boxes.to_csv(tmp, sep="\t", index=False)
 
 
 if __name__ == "__main__":

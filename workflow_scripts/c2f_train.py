@@ -30,6 +30,7 @@ from .c2f_model import StudentSpec, autocast, save_model
 from .volume_io import CaseError, atomic_path, read_label, read_volume
 
 LOG_COLUMNS = ["epoch", "lr", "loss", "coarse_loss", "fine_loss", "val_dice_coarse", "val_dice_fine", "seconds"]
+CLASS_DICE_PREFIX = "val_dice_fine_"  # + label id: the fine stage's validation Dice of one class
 
 
 @dataclass(frozen=True)
@@ -48,10 +49,13 @@ class TrainSettings:
     margin_mm: float
     train_margin_max_mm: float
     amp: str
+    mirror_axes: tuple[int, ...]
 
     @classmethod
     def from_config(cls, c2f: dict) -> "TrainSettings":
-        return cls(**{name: c2f[name] for name in cls.__dataclass_fields__})
+        values = {name: c2f[name] for name in cls.__dataclass_fields__}
+        values["mirror_axes"] = tuple(int(a) for a in values["mirror_axes"])
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -154,17 +158,23 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int =
     return ce + (1 - dice[1:].mean())
 
 
-def hard_dice(prediction: torch.Tensor, target: torch.Tensor, n_classes: int,
-              ignore_index: int = data.IGNORE_INDEX) -> float:
-    """Mean Dice over the foreground classes present in the target or the prediction (ignored voxels skipped)."""
+def class_dice(prediction: torch.Tensor, target: torch.Tensor, n_classes: int,
+               ignore_index: int = data.IGNORE_INDEX) -> np.ndarray:
+    """Hard Dice per foreground class index 1..n-1; NaN where the class is in neither (ignored voxels skipped)."""
     valid = target != ignore_index
-    scores = []
+    scores = np.full(n_classes - 1, np.nan)
     for cls in range(1, n_classes):
         pred, true = (prediction == cls) & valid, (target == cls) & valid
         total = int(pred.sum() + true.sum())
         if total:
-            scores.append(2 * int((pred & true).sum()) / total)
-    return float(np.mean(scores)) if scores else float("nan")
+            scores[cls - 1] = 2 * int((pred & true).sum()) / total
+    return scores
+
+
+def hard_dice(prediction: torch.Tensor, target: torch.Tensor, n_classes: int,
+              ignore_index: int = data.IGNORE_INDEX) -> float:
+    """Mean Dice over the foreground classes present in the target or the prediction (ignored voxels skipped)."""
+    return _nanmean(class_dice(prediction, target, n_classes, ignore_index).tolist())
 
 
 # --- loop --------------------------------------------------------------------------------------------------------
@@ -221,7 +231,8 @@ def train_epoch(nets: Networks, files: Sequence[Path], train_idx: Sequence[int],
 @torch.inference_mode()
 def validate(nets: Networks, files: Sequence[Path], val_idx: Sequence[int], spec: StudentSpec,
              settings: TrainSettings, device: torch.device) -> dict:
-    """Mean hard Dice of each stage on the validation cases, at the network's own resolution.
+    """Mean hard Dice of each stage on the validation cases, at the network's own resolution, and the fine
+    stage's Dice per class (columns ``val_dice_fine_<label id>``: the per-class learning curve).
 
     The fine stage is scored on the ground-truth box with the inference margin, so the two numbers separate
     localisation (coarse) from delineation (fine).
@@ -229,7 +240,7 @@ def validate(nets: Networks, files: Sequence[Path], val_idx: Sequence[int], spec
     nets.coarse.eval()
     nets.fine.eval()
     n_classes = len(spec.class_ids)
-    coarse_scores, fine_scores = [], []
+    coarse_scores, fine_scores, per_class = [], [], []
     for i in val_idx:
         case = data.PreparedCase.load(files[i])
         coarse_x = torch.from_numpy(case.coarse_image.astype(np.float32))[None, None].to(device)
@@ -240,8 +251,13 @@ def validate(nets: Networks, files: Sequence[Path], val_idx: Sequence[int], spec
         image, label = data.fine_sample(case, data.fine_crop_box(case, margin, margin), spec.fine_size)
         with autocast(device, settings.amp):
             fine_pred = nets.fine(image[None].to(device)).argmax(1)[0].cpu()
-        fine_scores.append(hard_dice(fine_pred, label[0], n_classes))
-    return {"val_dice_coarse": _nanmean(coarse_scores), "val_dice_fine": _nanmean(fine_scores)}
+        scores = class_dice(fine_pred, label[0], n_classes)
+        per_class.append(scores)
+        fine_scores.append(_nanmean(scores.tolist()))
+    row = {"val_dice_coarse": _nanmean(coarse_scores), "val_dice_fine": _nanmean(fine_scores)}
+    for index, class_id in enumerate(spec.class_ids[1:]):
+        row[f"{CLASS_DICE_PREFIX}{class_id}"] = _nanmean([scores[index] for scores in per_class])
+    return row
 
 
 def _nanmean(values: Sequence[float]) -> float:
@@ -298,8 +314,10 @@ def _restore_checkpoint(path: Path, nets: Networks, rng: np.random.Generator, fi
 
 
 def write_log(path: str | os.PathLike, rows: list[dict]) -> None:
+    """The per-epoch log: :data:`LOG_COLUMNS`, then one validation Dice column per class."""
+    per_class = [key for key in (rows[0] if rows else {}) if key.startswith(CLASS_DICE_PREFIX)]
     with atomic_path(path) as tmp:
-        pd.DataFrame(rows, columns=LOG_COLUMNS).to_csv(tmp, sep="\t", index=False, float_format="%.6g")
+        pd.DataFrame(rows, columns=LOG_COLUMNS + per_class).to_csv(tmp, sep="\t", index=False, float_format="%.6g")
 
 
 def seed_everything(seed: int, device: torch.device) -> None:
@@ -334,7 +352,7 @@ def train(cases: Sequence[TrainingCase], spec: StudentSpec, settings: TrainSetti
     start_epoch, rows = _restore_checkpoint(checkpoint, nets, rng, fingerprint) or (0, [])
     if start_epoch:
         print(f"resumed from {checkpoint} after epoch {start_epoch}", flush=True)
-    pipeline = data.augmentation_pipeline(spec.fine_size)
+    pipeline = data.augmentation_pipeline(spec.fine_size, settings.mirror_axes)
     for epoch in range(start_epoch, settings.epochs):
         started = time.perf_counter()
         row = {"epoch": epoch + 1}

@@ -46,7 +46,7 @@ class BatchedMirroringPredictor(nnUNetPredictor):
     @torch.inference_mode()
     def _internal_maybe_mirror_and_predict(self, x: torch.Tensor) -> torch.Tensor:
         axes = self.allowed_mirroring_axes if self.use_mirroring else None
-        if axes is not None and max(axes) > x.ndim - 3:
+        if axes and max(axes) > x.ndim - 3:
             raise ValueError(f"mirror axes {axes} do not fit an input of {x.ndim} dimensions")
         flips = mirrorings(axes)
         while True:

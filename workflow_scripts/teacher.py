@@ -142,7 +142,7 @@ def resized_architecture(configuration: Mapping, patch_size: Sequence[int] | Non
     return [int(p) for p in patch], architecture
 
 
-def configure_plans(plans: Mapping, planner: str, configuration: str, trainer_settings: Mapping[str, int],
+def configure_plans(plans: Mapping, planner: str, configuration: str, trainer_settings: Mapping[str, object],
                     batch_size: int | None = None, patch_size: Sequence[int] | None = None,
                     features_per_stage: Sequence[int] | None = None) -> dict:
     """The planner's plans plus the workflow configuration (see module doc); ``None`` keeps the planned value."""
@@ -280,6 +280,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     conf.add_argument("--iterations-per-epoch", type=int, required=True)
     conf.add_argument("--val-iterations", type=int, required=True)
     conf.add_argument("--checkpoint-every", type=int, required=True)
+    conf.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
+    conf.add_argument("--initial-lr", type=float, help="nnU-Net's default 0.01 when left out")
+    conf.add_argument("--oversample-foreground", type=float,
+                      help="share of each batch centred on a foreground class (nnU-Net's default 0.33)")
+    conf.add_argument("--mirror-axes", type=int, nargs="*",
+                      help="axes mirrored in training and TTA (none given: no mirroring; option left out: all)")
 
     tr = sub.add_parser("train", help="train or resume")
     common(tr)
@@ -308,7 +314,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         _check_expected(plans_file, args.expect)
     elif args.command == "configure":
         settings = {"num_epochs": args.epochs, "num_iterations_per_epoch": args.iterations_per_epoch,
-                    "num_val_iterations_per_epoch": args.val_iterations, "save_every": args.checkpoint_every}
+                    "num_val_iterations_per_epoch": args.val_iterations, "save_every": args.checkpoint_every,
+                    "optimizer": args.optimizer}
+        optional = {"initial_lr": args.initial_lr, "oversample_foreground_percent": args.oversample_foreground,
+                    "mirror_axes": args.mirror_axes}
+        settings.update({key: value for key, value in optional.items() if value is not None})
         plans = configure_plans(json.loads(Path(args.base_plans).read_text()), args.planner, args.configuration,
                                 settings, args.batch_size, args.patch_size, args.features_per_stage)
         custom = plans["configurations"][custom_configuration(args.configuration)]

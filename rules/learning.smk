@@ -1,0 +1,163 @@
+# Rules that show whether and how well the models learned (workflow_scripts/learning_curves.py, c2f_stages.py,
+# label_quality.py): learning curves of the teacher and the c2f students, the c2f student's two stages measured
+# apart on the test set, and, where the complete truth of the training cases is known (the demo, data.truth),
+# the pseudo-labels and merged labels scored against it.
+
+import json
+
+
+def pseudo_labelled_cases():
+    """Cases that get a pseudo-label (weak, and unlabeled with pseudo.include_unlabeled)."""
+    return [case for cases in pseudo_shards().values() for case in cases]
+
+
+rule learning_curves:
+    input:
+        teacher=TEACHER_CHECKPOINT,
+        students=[
+            res("student", experiment, "model", "training_log.tsv")
+            for experiment in C2F_EXPERIMENTS
+        ],
+    output:
+        table=res("eval", "learning_curves.tsv"),
+        figure=report(
+            res("report", "learning_curves.png"),
+            category="Learning",
+            caption="../report/learning_curves.rst",
+            labels={"figure": "learning curves"},
+        ),
+    log:
+        log_path("learning_curves"),
+    benchmark:
+        bench_path("learning_curves")
+    conda:
+        "../envs/student.yaml"
+    threads: 1
+    resources:
+        mem_mb=config["eval"]["mem_mb"],
+        runtime=config["eval"]["runtime"],
+    params:
+        py=PY,
+        dpi=config["eval"]["figure_dpi"],
+        classes=" ".join(str(c) for c in TEACHER["classes"]),
+        students=lambda wildcards, input: " ".join(
+            shlex.quote(f"{experiment}={path}")
+            for experiment, path in zip(C2F_EXPERIMENTS, input.students)
+        ),
+        labels=json.dumps(config["labels"]),
+    shell:
+        "{params.py}.learning_curves --teacher {input.teacher:q} --teacher-classes {params.classes}"
+        " --students {params.students} --label-map {params.labels:q} --dpi {params.dpi}"
+        " --table {output.table:q} --figure {output.figure:q} > {log:q} 2>&1"
+
+
+rule c2f_stages:
+    input:
+        gt=[TEST[case]["label"] for case in TEST_CASES],
+        pred=lambda wildcards: prediction_files(wildcards.experiment),
+        boxes=lambda wildcards: [
+            res("student", wildcards.experiment, "pred", "boxes", f"{shard}.tsv")
+            for shard in test_shards(config["student"]["shard_size"])
+        ],
+    output:
+        report(
+            res("eval", "{experiment}", "c2f_stages.tsv"),
+            category="Learning",
+            subcategory="{experiment}",
+            caption="../report/c2f_stages.rst",
+            labels={"experiment": "{experiment}", "table": "coarse box and fine DSC"},
+        ),
+    log:
+        log_path("c2f_stages", "{experiment}"),
+    benchmark:
+        bench_path("c2f_stages", "{experiment}")
+    wildcard_constraints:
+        experiment=C2F_PATTERN,
+    conda:
+        "../envs/base.yaml"
+    threads: 1
+    resources:
+        mem_mb=config["eval"]["mem_mb"],
+        runtime=config["eval"]["runtime"],
+    params:
+        py=PY,
+        cases=" ".join(TEST_CASES),
+        labels=json.dumps(config["labels"]),
+    shell:
+        "{params.py}.c2f_stages --cases {params.cases} --gt {input.gt:q} --pred {input.pred:q}"
+        " --boxes {input.boxes:q} --label-map {params.labels:q} --out {output:q} > {log:q} 2>&1"
+
+
+rule label_quality_pseudo:
+    input:
+        truth=lambda wildcards: [TRUTH[case] for case in pseudo_labelled_cases()],
+        labels=lambda wildcards: [
+            res("pseudo", f"{case}.nii.gz") for case in pseudo_labelled_cases()
+        ],
+    output:
+        report(
+            res("eval", "labels", "pseudo.tsv"),
+            category="Learning",
+            caption="../report/label_quality.rst",
+            labels={"table": "pseudo-labels vs truth"},
+        ),
+    log:
+        log_path("label_quality_pseudo"),
+    benchmark:
+        bench_path("label_quality_pseudo")
+    conda:
+        "../envs/base.yaml"
+    threads: 1
+    resources:
+        mem_mb=config["eval"]["mem_mb"],
+        runtime=config["eval"]["runtime"],
+    params:
+        py=PY,
+        cases=lambda wildcards: " ".join(pseudo_labelled_cases()),
+        classes=" ".join(str(c) for c in TEACHER["classes"]),
+        labels=json.dumps(config["labels"]),
+    shell:
+        "{params.py}.label_quality --cases {params.cases} --truth {input.truth:q} --labels {input.labels:q}"
+        " --classes {params.classes} --label-map {params.labels:q} --out {output:q} > {log:q} 2>&1"
+
+
+rule label_quality_merged:
+    input:
+        split=lambda wildcards: checkpoints.split.get().output.split,
+        truth=lambda wildcards: [TRUTH[case] for case in merged_label_cases()],
+        labels=merged_label_files,
+    output:
+        report(
+            res("eval", "labels", "merged.tsv"),
+            category="Learning",
+            caption="../report/label_quality.rst",
+            labels={"table": "merged labels vs truth"},
+        ),
+    log:
+        log_path("label_quality_merged"),
+    benchmark:
+        bench_path("label_quality_merged")
+    conda:
+        "../envs/base.yaml"
+    threads: 1
+    resources:
+        mem_mb=config["eval"]["mem_mb"],
+        runtime=config["eval"]["runtime"],
+    params:
+        py=PY,
+        cases=lambda wildcards: " ".join(merged_label_cases()),
+        labels=json.dumps(config["labels"]),
+    shell:
+        "{params.py}.label_quality --cases {params.cases} --truth {input.truth:q} --labels {input.labels:q}"
+        " --split {input.split:q} --label-map {params.labels:q} --out {output:q} > {log:q} 2>&1"
+
+
+TARGETS["learning"] = (
+    [res("eval", "learning_curves.tsv"), res("report", "learning_curves.png")]
+    + [res("eval", experiment, "c2f_stages.tsv") for experiment in C2F_EXPERIMENTS]
+    + (
+        [res("eval", "labels", "pseudo.tsv"), res("eval", "labels", "merged.tsv")]
+        if TRUTH
+        else []
+    )
+)
