@@ -174,7 +174,8 @@ def test_killed_training_resumes_from_its_checkpoint_and_matches_an_uninterrupte
     pd.testing.assert_frame_equal(pd.DataFrame(resumed_rows).drop(columns="seconds"),
                                   pd.DataFrame(full_rows).drop(columns="seconds"))
     log = pd.read_csv(tmp_path / "resumed" / "log.tsv", sep="\t")
-    assert list(log.columns) == train_mod.LOG_COLUMNS and log["epoch"].tolist() == [1, 2, 3]
+    per_class = [f"{train_mod.CLASS_DICE_PREFIX}{i}" for i in (1, 2, 3)]  # the per-class learning curve
+    assert list(log.columns) == train_mod.LOG_COLUMNS + per_class and log["epoch"].tolist() == [1, 2, 3]
 
 
 def test_checkpoint_of_a_different_run_is_not_resumed(tmp_path, capsys) -> None:
