@@ -38,11 +38,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from workflow_scripts import teacher  # noqa: E402
-from workflow_scripts.demo_dataset import DemoParams, flare_ids, generate_case  # noqa: E402
-from workflow_scripts.nnunet_dataset import TrainingCase, build_dataset, dataset_name  # noqa: E402
-from workflow_scripts.nnunet_ext import configure_environment  # noqa: E402
-from workflow_scripts.postprocess import rules_from_config  # noqa: E402
-from workflow_scripts.volume_io import write_volume  # noqa: E402
+from workflow_scripts.demo.dataset import DemoParams, flare_ids, generate_case  # noqa: E402
+from workflow_scripts.nnunet.dataset import TrainingCase, build_dataset, dataset_name  # noqa: E402
+from workflow_scripts.nnunet.ext import configure_environment  # noqa: E402
+from workflow_scripts.labels.postprocess import rules_from_config  # noqa: E402
+from workflow_scripts.io.volumes import write_volume  # noqa: E402
 
 DATASET_ID = 986
 
@@ -102,8 +102,8 @@ def trained_teacher(config: dict, root: Path, args: argparse.Namespace) -> Path:
 def run_ours(config: dict, model: Path, cases: list[TrainingCase], out: Path, args: argparse.Namespace,
              ) -> tuple[float, dict[str, np.ndarray]]:
     """Wall time of our pseudo-labelling for all cases, and its argmax before cleanup per case."""
-    from workflow_scripts.nnunet_predict import load_ensemble, predict_shard
-    from workflow_scripts.pseudo_labels import write_pseudo_label
+    from workflow_scripts.nnunet.predict import load_ensemble, predict_shard
+    from workflow_scripts.labels.pseudo import write_pseudo_label
 
     ensemble = load_ensemble([model], "all", args.device, tta=True, threads=args.threads)
     rules = rules_from_config(config["postprocess"], config["labels"])

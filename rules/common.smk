@@ -8,35 +8,25 @@ import sys
 import pandas as pd
 from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
-sys.path.insert(0, workflow.basedir)
-
-from workflow_scripts.demo_plan import plan as demo_plan
-from workflow_scripts.layout import demo_layout, discover_cases
-from workflow_scripts.pseudo_labels import shard_cases
-from workflow_scripts.volume_io import CASE_ID_PATTERN
+from workflow_scripts.demo.plan import plan as demo_plan
+from workflow_scripts.io.layout import demo_layout, discover_cases
+from workflow_scripts.io.volumes import CASE_ID_PATTERN
+from workflow_scripts.labels.pseudo import shard_cases
 
 # Wildcard constraint of case ids (and of pseudo shards, named after their first case).
 CASE_ID = CASE_ID_PATTERN.pattern.removeprefix("^").removesuffix("$")
 
 RESULTS = config["results"]
 LABELS = {entry["id"]: entry for entry in config["labels"]}
-ORGANS = [i for i, entry in LABELS.items() if entry["kind"] == "organ"]
-LESIONS = [i for i, entry in LABELS.items() if entry["kind"] == "lesion"]
-# Every script runs as `python -m workflow_scripts.<module>`: the workflow folder goes on PYTHONPATH so rules work
-# from any working directory, and without --use-conda `python` is the interpreter running Snakemake (the project
-# venv, also inside cluster jobs, which inherit this environment); with --use-conda it is the rule environment's.
-os.environ.update(
-    PYTHONPATH=os.pathsep.join(
-        p for p in (workflow.basedir, os.environ.get("PYTHONPATH")) if p
-    )
-)
-if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
-    os.environ.update(
-        PATH=os.pathsep.join(
-            [os.path.dirname(sys.executable), os.environ.get("PATH", "")]
-        )
-    )
-PY = "python -m workflow_scripts"
+# Every script runs as `python -m workflow_scripts.<stage>.<module>`. The package is installed into the project
+# venv (pyproject.toml, `make setup`), so nothing is added to PATH or PYTHONPATH: the interpreter is the one running
+# Snakemake (the project venv, also inside cluster jobs, which run Snakemake with it). With --use-conda it is the rule
+# environment's `python`; those environments hold the pinned dependencies only, so the command names the package's
+# folder for that one process.
+if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method:
+    PY = f"PYTHONPATH={shlex.quote(workflow.basedir)} python -m workflow_scripts"
+else:
+    PY = f"{shlex.quote(sys.executable)} -m workflow_scripts"
 
 
 def res(*parts):

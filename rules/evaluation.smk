@@ -1,5 +1,5 @@
-# Rules of the evaluation stage: FLARE DSC/NSD per experiment (workflow_scripts/evaluate.py), the per-experiment
-# efficiency table (workflow_scripts/efficiency_report.py) and the ablation table (workflow_scripts/ablation.py).
+# Rules of the evaluation stage: FLARE DSC/NSD per experiment (workflow_scripts/evaluation/evaluate.py), the per-experiment
+# efficiency table (workflow_scripts/evaluation/efficiency_report.py) and the ablation table (workflow_scripts/evaluation/ablation.py).
 
 import json
 
@@ -65,7 +65,7 @@ rule evaluate_experiment:
         nsd_zero_below_dsc=config["eval"]["nsd_zero_below_dsc"],
         tolerances=GEOMETRY_TOLERANCE_ARGS,
     shell:
-        "{params.py}.evaluate --cases {params.cases} --gt {input.gt:q} --pred {input.pred:q}"
+        "{params.py}.evaluation.evaluate --cases {params.cases} --gt {input.gt:q} --pred {input.pred:q}"
         " --labels {params.labels:q} --z-crop-classes {params.z_crop}"
         " --nsd-zero-below-dsc {params.nsd_zero_below_dsc} {params.tolerances} --jobs {threads}"
         " --metrics {output.metrics:q} --summary {output.summary:q} > {log:q} 2>&1"
@@ -98,7 +98,7 @@ rule efficiency_experiment:
         py=PY,
         cases=" ".join(TEST_CASES),
     shell:
-        "{params.py}.efficiency_report --tables {input:q} --cases {params.cases}"
+        "{params.py}.evaluation.efficiency_report --tables {input:q} --cases {params.cases}"
         " --output {output:q} > {log:q} 2>&1"
 
 
@@ -129,7 +129,7 @@ rule ablation:
         py=PY,
         experiments=" ".join(config["eval"]["ablation"]),
     shell:
-        "{params.py}.ablation --experiments {params.experiments} --summaries {input:q}"
+        "{params.py}.evaluation.ablation --experiments {params.experiments} --summaries {input:q}"
         " --output {output:q} > {log:q} 2>&1"
 
 

@@ -4,7 +4,7 @@
 
 import json
 
-from workflow_scripts.merge import input_flags, rule_inputs
+from workflow_scripts.labels.merge import input_flags, rule_inputs
 
 
 rule merge_case:
@@ -44,7 +44,7 @@ rule merge_case:
             f" --direction-tolerance {config['qc']['direction_tolerance']}"
         ),
     shell:
-        "{params.py}.merge case --case {wildcards.case} {params.inputs}"
+        "{params.py}.labels.merge case --case {wildcards.case} {params.inputs}"
         " --labels {params.labels:q} --fill-classes {params.fill_classes}"
         " --min-confidence {params.min_confidence} --low-confidence-as {params.low_confidence_as}"
         " {params.tolerances} --out-label {output.label:q} --out-table {output.table:q} > {log:q} 2>&1"
@@ -71,7 +71,7 @@ rule merge_summary:
     params:
         py=PY,
     shell:
-        "{params.py}.merge summary --split {input.split:q} --tables {input.tables:q}"
+        "{params.py}.labels.merge summary --split {input.split:q} --tables {input.tables:q}"
         " --output {output:q} > {log:q} 2>&1"
 
 

@@ -27,7 +27,7 @@ rule qc_case:
         origin_tolerance_mm=config["qc"]["origin_tolerance_mm"],
         direction_tolerance=config["qc"]["direction_tolerance"],
     shell:
-        "{params.py}.qc case --case {wildcards.case} --image {input.image:q} {params.label}"
+        "{params.py}.ingest.qc case --case {wildcards.case} --image {input.image:q} {params.label}"
         " --label-map {params.label_map} --on-error {params.on_error}"
         " --spacing-tolerance {params.spacing_tolerance}"
         " --origin-tolerance-mm {params.origin_tolerance_mm}"
@@ -54,7 +54,7 @@ checkpoint qc_summary:
     params:
         py=PY,
     shell:
-        "{params.py}.qc summary --accepted {output.accepted:q} --rejected {output.rejected:q}"
+        "{params.py}.ingest.qc summary --accepted {output.accepted:q} --rejected {output.rejected:q}"
         " {input:q} > {log:q} 2>&1"
 
 

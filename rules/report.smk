@@ -1,4 +1,4 @@
-# Rules of the report stage: the evaluation figures (workflow_scripts/figures.py), registered with report() so that
+# Rules of the report stage: the evaluation figures (workflow_scripts/evaluation/figures.py), registered with report() so that
 # `snakemake --report results/report.zip` collects them with the label-statistics figures and the tables.
 
 OVERLAY_EXPERIMENTS = config["eval"]["overlay_experiments"]
@@ -30,7 +30,7 @@ rule figure_dsc_boxplots:
         experiments=" ".join(EVAL_EXPERIMENTS),
         labels=json.dumps(config["labels"]),
     shell:
-        "{params.py}.figures --dpi {params.dpi} boxplots --experiments {params.experiments} --metrics {input:q}"
+        "{params.py}.evaluation.figures --dpi {params.dpi} boxplots --experiments {params.experiments} --metrics {input:q}"
         " --labels {params.labels:q} --output {output:q} > {log:q} 2>&1"
 
 
@@ -59,7 +59,7 @@ rule figure_efficiency:
         dpi=config["eval"]["figure_dpi"],
         experiments=" ".join(EVAL_EXPERIMENTS),
     shell:
-        "{params.py}.figures --dpi {params.dpi} efficiency --experiments {params.experiments} --tables {input:q}"
+        "{params.py}.evaluation.figures --dpi {params.dpi} efficiency --experiments {params.experiments} --tables {input:q}"
         " --output {output:q} > {log:q} 2>&1"
 
 
@@ -99,7 +99,7 @@ rule figure_qualitative:
         pred_dirs=" ".join(prediction_dir(e) for e in OVERLAY_EXPERIMENTS),
         window=" ".join(str(v) for v in config["eval"]["display_window"]),
     shell:
-        "{params.py}.figures --dpi {params.dpi} qualitative --rank-metrics {input.rank:q} --labels {params.labels:q}"
+        "{params.py}.evaluation.figures --dpi {params.dpi} qualitative --rank-metrics {input.rank:q} --labels {params.labels:q}"
         " --cases {params.cases} --images {input.images:q} --gt {input.gt:q}"
         " --experiments {params.experiments} --pred-dirs {params.pred_dirs}"
         " --window {params.window} --output {output:q} > {log:q} 2>&1"

@@ -22,7 +22,7 @@ checkpoint split:
         strong_requires=config["split"]["strong_requires"],
         label_map=LABEL_MAP_ARG,
     shell:
-        "{params.py}.split --accepted {input.accepted:q} --label-stats {input.label_stats:q}"
+        "{params.py}.ingest.split --accepted {input.accepted:q} --label-stats {input.label_stats:q}"
         " --strong-requires {params.strong_requires} --label-map {params.label_map}"
         " --output {output.split:q} > {log:q} 2>&1"
 

@@ -22,7 +22,7 @@ rule stats_case:
         label_map=LABEL_MAP_ARG,
         connectivity=config["stats"]["connectivity"],
     shell:
-        "{params.py}.stats case --case {wildcards.case} --label {input.label:q} --qc {input.qc:q}"
+        "{params.py}.ingest.stats case --case {wildcards.case} --label {input.label:q} --qc {input.qc:q}"
         " --label-map {params.label_map} --connectivity {params.connectivity}"
         " --output {output:q} > {log:q} 2>&1"
 
@@ -59,7 +59,7 @@ rule stats_aggregate:
         py=PY,
         label_map=LABEL_MAP_ARG,
     shell:
-        "{params.py}.stats aggregate --label-map {params.label_map} --table {output.table:q}"
+        "{params.py}.ingest.stats aggregate --label-map {params.label_map} --table {output.table:q}"
         " --summary {output.summary:q} --counts-png {output.counts:q}"
         " --presence-png {output.presence:q} {input:q} > {log:q} 2>&1"
 

@@ -1,4 +1,4 @@
-# Rules of the student stage: the coarse-to-fine student (workflow_scripts/c2f_*.py), trained on the merged labels
+# Rules of the student stage: the coarse-to-fine student (workflow_scripts/c2f/), trained on the merged labels
 # (two_stage) or on the raw weak labels (baseline, the paper's ablation), and its test-set predictions.
 # Only experiments whose model is c2f are handled here; the nnU-Net student option lives in its own rule file.
 
@@ -6,7 +6,7 @@ import json
 
 import pandas as pd
 
-from workflow_scripts.merge import ignore_label
+from workflow_scripts.labels.merge import ignore_label
 
 # experiment -> label source ("merged" / "raw") of every c2f experiment
 C2F_LABELS = {
@@ -78,7 +78,7 @@ rule student_train:
         work_dir=lambda wildcards: res("student", wildcards.experiment, "checkpoints"),
         device=config["device"],
     shell:
-        "{params.py}.c2f_train --manifest {input.manifest:q} --c2f {params.c2f:q}"
+        "{params.py}.c2f.train --manifest {input.manifest:q} --c2f {params.c2f:q}"
         " --label-ids {params.label_ids} --ignore-label {params.ignore}"
         " --work-dir {params.work_dir:q} --model {output.model:q} --log {output.log:q}"
         " --device {params.device} --threads {threads} > {log:q} 2>&1"
@@ -127,7 +127,7 @@ for student_shard, student_shard_cases in test_shards(
             interval=config["eval"]["gpu_sample_interval_s"],
             device=config["device"],
         shell:
-            "{params.py}.c2f_predict --model {input.model:q} --cases {params.cases}"
+            "{params.py}.c2f.predict --model {input.model:q} --cases {params.cases}"
             " --images {input.images:q} --outputs {output.predictions:q}"
             " --efficiency {output.efficiency:q} --labels {params.labels:q}"
             " --postprocess {params.postprocess:q} --margin-mm {params.margin_mm}"

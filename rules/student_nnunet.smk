@@ -1,4 +1,4 @@
-# Rules of the nnU-Net student option (student.experiments[*].model: nnunet; workflow_scripts/nnunet_student.py):
+# Rules of the nnU-Net student option (student.experiments[*].model: nnunet; workflow_scripts/nnunet/student.py):
 # nnU-Net v2 trained on the merged or raw labels, one model per student.nnunet.batch_sizes entry, and the test-set
 # predictions (no TTA, argmax on the logits, torch resampling; two or more models are a softmax ensemble).
 # Each experiment has its own nnU-Net tree results/student/<experiment>/nnunet/{raw,preprocessed,results} and its
@@ -7,14 +7,14 @@
 
 import json
 
-from workflow_scripts.nnunet_student import (
+from workflow_scripts.nnunet.student import (
     experiment_dataset_ids,
     student_dataset_name,
     student_model_folder,
     uses_ignore_label,
     write_manifest,
 )
-from workflow_scripts.teacher import custom_plans_identifier, fold_name
+from workflow_scripts.nnunet.teacher import custom_plans_identifier, fold_name
 
 NNUNET_STUDENT = config["student"]["nnunet"]
 NNUNET_PLANS = custom_plans_identifier(NNUNET_STUDENT["planner"])
@@ -107,7 +107,7 @@ rule student_nnunet_dataset:
         ),
         out=lambda wildcards, output: os.path.dirname(output[0]),
     shell:
-        "{params.py}.nnunet_student dataset --manifest {input:q} --labels {params.labels:q}"
+        "{params.py}.nnunet.student dataset --manifest {input:q} --labels {params.labels:q}"
         " {params.ignore} --out {params.out:q} > {log:q} 2>&1"
 
 
@@ -155,7 +155,7 @@ rule student_nnunet_plan:
             f" --checkpoint-every {NNUNET_STUDENT['checkpoint_every']}"
         ),
     shell:
-        "{params.py}.nnunet_student plan --root {params.root:q} --dataset-id {params.dataset_id}"
+        "{params.py}.nnunet.student plan --root {params.root:q} --dataset-id {params.dataset_id}"
         " --planner {params.planner} --configuration {params.configuration} --threads {threads}"
         " --batch-sizes {params.batch_sizes} {params.overrides} {params.schedule}"
         " --out {output:q} > {log:q} 2>&1"
@@ -198,7 +198,7 @@ rule student_nnunet_train:
         fold=NNUNET_STUDENT["fold"],
         device=config["device"],
     shell:
-        "{params.py}.nnunet_student train --root {params.root:q} --dataset-id {params.dataset_id}"
+        "{params.py}.nnunet.student train --root {params.root:q} --dataset-id {params.dataset_id}"
         " --planner {params.planner} --configuration {params.configuration} --batch-size {wildcards.batch}"
         " --fold {params.fold} --device {params.device} --threads {threads}"
         " --expect {output:q} > {log:q} 2>&1"
@@ -255,7 +255,7 @@ for nnunet_shard, nnunet_shard_cases in test_shards(
             interval=config["eval"]["gpu_sample_interval_s"],
             device=config["device"],
         shell:
-            "{params.py}.nnunet_predict --models {params.models:q} --fold {params.fold} --no-tta"
+            "{params.py}.nnunet.predict --models {params.models:q} --fold {params.fold} --no-tta"
             " --cases {params.cases} --images {input.images:q} --outputs {output.predictions:q}"
             " --efficiency {output.efficiency:q} --labels {params.labels:q}"
             " --postprocess {params.postprocess:q} --device {params.device} --threads {threads}"

@@ -1,13 +1,13 @@
-# Rules of the teacher stage: nnU-Net v2 trained on the strong cases (workflow_scripts/teacher.py).
+# Rules of the teacher stage: nnU-Net v2 trained on the strong cases (workflow_scripts/nnunet/teacher.py).
 # nnU-Net's folders live under results/teacher/nnunet/{raw,preprocessed,results}; its environment variables are
-# set inside each job (workflow_scripts/nnunet_ext.configure_environment), never globally. Training declares only
+# set inside each job (workflow_scripts/nnunet/ext.configure_environment), never globally. Training declares only
 # checkpoint_final.pth and the validation summary: checkpoint_latest.pth next to them is left undeclared, so
 # Snakemake keeps it when a job is killed and the rerun continues from it.
 
 import json
 
-from workflow_scripts.nnunet_dataset import dataset_name
-from workflow_scripts.teacher import (
+from workflow_scripts.nnunet.dataset import dataset_name
+from workflow_scripts.nnunet.teacher import (
     PLANS_IDENTIFIERS,
     custom_plans_identifier,
     fold_name,
@@ -58,7 +58,7 @@ rule teacher_dataset:
         labels=json.dumps(config["labels"]),
         out=lambda wildcards, output: os.path.dirname(output[0]),
     shell:
-        "{params.py}.nnunet_dataset --cases {params.cases} --images {input.images:q}"
+        "{params.py}.nnunet.dataset --cases {params.cases} --images {input.images:q}"
         " --labels {input.labels:q} --classes {params.classes} --label-map {params.labels:q}"
         " --out {params.out:q} > {log:q} 2>&1"
 
@@ -84,7 +84,7 @@ rule teacher_preprocess:
         py=PY,
         args=TEACHER_ARGS,
     shell:
-        "{params.py}.teacher preprocess {params.args} --threads {threads}"
+        "{params.py}.nnunet.teacher preprocess {params.args} --threads {threads}"
         " --expect {output:q} > {log:q} 2>&1"
 
 
@@ -127,7 +127,7 @@ rule teacher_configure:
             f" --checkpoint-every {TEACHER['checkpoint_every']}"
         ),
     shell:
-        "{params.py}.teacher configure {params.args} --base-plans {input:q}"
+        "{params.py}.nnunet.teacher configure {params.args} --base-plans {input:q}"
         " {params.overrides} {params.schedule} --out {output:q} > {log:q} 2>&1"
 
 
@@ -156,7 +156,7 @@ rule teacher_train:
         fold=TEACHER["fold"],
         device=config["device"],
     shell:
-        "{params.py}.teacher train {params.args} --fold {params.fold}"
+        "{params.py}.nnunet.teacher train {params.args} --fold {params.fold}"
         " --device {params.device} --threads {threads}"
         " --expect {output.checkpoint:q} > {log:q} 2>&1"
 
@@ -182,7 +182,7 @@ rule teacher_validation:
         labels=json.dumps(config["labels"]),
         fold=TEACHER["fold"],
     shell:
-        "{params.py}.teacher validation --summary {input.summary:q}"
+        "{params.py}.nnunet.teacher validation --summary {input.summary:q}"
         " --dataset-json {input.dataset:q} --label-map {params.labels:q}"
         " --fold {params.fold} --out {output:q} > {log:q} 2>&1"
 
@@ -228,7 +228,7 @@ for teacher_shard, teacher_shard_cases in test_shards(shard_size_of("teacher")).
             postprocess=json.dumps(config["postprocess"]),
             interval=config["eval"]["gpu_sample_interval_s"],
         shell:
-            "{params.py}.nnunet_predict --models {params.model:q} --fold {params.fold}"
+            "{params.py}.nnunet.predict --models {params.model:q} --fold {params.fold}"
             " {params.tta} --tta-batch {params.tta_batch} --device {params.device} --threads {threads}"
             " --cases {params.cases} --images {input.images:q} --outputs {output.predictions:q}"
             " --efficiency {output.efficiency:q} --labels {params.labels:q}"

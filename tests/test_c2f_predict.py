@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from test_c2f_train import LABELS, POSTPROCESS
-from workflow_scripts import c2f_predict as predict
-from workflow_scripts.c2f_model import StudentSpec, save_model
-from workflow_scripts.postprocess import rules_from_config
-from workflow_scripts.volume_io import Geometry, read_label, write_volume
+from workflow_scripts.c2f import predict
+from workflow_scripts.c2f.model import StudentSpec, save_model
+from workflow_scripts.labels.postprocess import rules_from_config
+from workflow_scripts.io.volumes import Geometry, read_label, write_volume
 
 RULES = rules_from_config(POSTPROCESS, LABELS)
 C2F = {"window": [-325, 325], "coarse_size": [8, 12, 12], "fine_size": [12, 24, 20], "coarse_channels": [4, 8],

@@ -10,12 +10,12 @@ import pandas as pd
 import pytest
 import torch
 
-from workflow_scripts import c2f_train as train_mod
-from workflow_scripts.c2f_data import IGNORE_INDEX
-from workflow_scripts.c2f_model import StudentSpec
-from workflow_scripts.c2f_predict import Student, predict_case
-from workflow_scripts.postprocess import rules_from_config
-from workflow_scripts.volume_io import CaseError, Geometry, read_label, write_volume
+from workflow_scripts.c2f import train as train_mod
+from workflow_scripts.c2f.data import IGNORE_INDEX
+from workflow_scripts.c2f.model import StudentSpec
+from workflow_scripts.c2f.predict import Student, predict_case
+from workflow_scripts.labels.postprocess import rules_from_config
+from workflow_scripts.io.volumes import CaseError, Geometry, read_label, write_volume
 
 LABELS = [{"id": 1, "name": "Liver", "kind": "organ"}, {"id": 2, "name": "Spleen", "kind": "organ"},
           {"id": 3, "name": "Lesion", "kind": "lesion"}]

@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from workflow_scripts import ablation, efficiency_report, evaluate
-from workflow_scripts.metrics import case_metrics, class_specs
-from workflow_scripts.volume_io import CaseError, Geometry, write_volume
+from workflow_scripts.evaluation import ablation, efficiency_report, evaluate
+from workflow_scripts.evaluation.metrics import case_metrics, class_specs
+from workflow_scripts.io.volumes import CaseError, Geometry, write_volume
 
 LABELS = [
     {"id": 1, "name": "Liver", "kind": "organ", "nsd_tolerance_mm": 5},

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from workflow_scripts import figures
-from workflow_scripts.volume_io import Geometry, write_volume
+from workflow_scripts.evaluation import figures
+from workflow_scripts.io.volumes import Geometry, write_volume
 
 LABELS = [
     {"id": 1, "name": "Liver", "kind": "organ", "nsd_tolerance_mm": 5},

@@ -11,8 +11,8 @@ import pytest
 import SimpleITK as sitk
 
 import tiny_nnunet as tn
-from workflow_scripts import nnunet_predict as npred
-from workflow_scripts.volume_io import CaseError, read_volume
+from workflow_scripts.nnunet import predict as npred
+from workflow_scripts.io.volumes import CaseError, read_volume
 
 LABELS = [{"id": i, "name": n, "kind": "lesion" if i == 14 else "organ"} for i, n in tn.LABEL_NAMES.items()]
 NO_CLEANUP = {"organ": {"keep_largest": 0, "min_size_mm3": 0}, "lesion": {"keep_largest": 0, "min_size_mm3": 0}}

@@ -12,11 +12,11 @@ import SimpleITK as sitk
 import yaml
 from conftest import TINY_CONFIG, run_workflow
 
-from workflow_scripts import nnunet_student as ns
-from workflow_scripts.nnunet_ext import configure_environment
-from workflow_scripts.nnunet_predict import _preprocessing_key, _probabilities, load_ensemble, predict_volume
-from workflow_scripts.teacher import custom_configuration, custom_plans_identifier
-from workflow_scripts.volume_io import read_volume
+from workflow_scripts.nnunet import student as ns
+from workflow_scripts.nnunet.ext import configure_environment
+from workflow_scripts.nnunet.predict import _preprocessing_key, _probabilities, load_ensemble, predict_volume
+from workflow_scripts.nnunet.teacher import custom_configuration, custom_plans_identifier
+from workflow_scripts.io.volumes import read_volume
 
 LABELS = [
     {"id": 1, "name": "liver", "kind": "organ"},
@@ -160,7 +160,7 @@ def test_trainer_draws_batches_of_the_configured_size(planned, batch):
     """The batch nnU-Net's data loader really yields, not just the number in the plans."""
     configure_environment(planned["root"], 1, augmentation_workers=0)
     import torch
-    from workflow_scripts.nnunet_ext.configurable_trainer import nnUNetTrainerConfigurable
+    from workflow_scripts.nnunet.ext.configurable_trainer import nnUNetTrainerConfigurable
 
     configuration = custom_configuration(ns.batch_configuration("3d_fullres", batch))
     plans = {**planned["plans"], "continue_training": False}  # what nnU-Net's run_training adds

@@ -13,9 +13,9 @@ import SimpleITK as sitk
 import yaml
 
 from conftest import run_workflow
-from workflow_scripts import qc
-from workflow_scripts.layout import discover_cases
-from workflow_scripts.volume_io import CaseError
+from workflow_scripts.ingest import qc
+from workflow_scripts.io.layout import discover_cases
+from workflow_scripts.io.volumes import CaseError
 
 SHAPE = (8, 16, 16)  # z, y, x
 SPACING = (1.0, 1.0, 2.0)  # x, y, z

@@ -24,8 +24,8 @@ import yaml
 from filelock import FileLock
 
 from conftest import TINY_CONFIG, run_workflow
-from workflow_scripts.pseudo_labels import shard_cases
-from workflow_scripts.volume_io import Geometry
+from workflow_scripts.labels.pseudo import shard_cases
+from workflow_scripts.io.volumes import Geometry
 
 # The label merge's rules, and the stages before it that a merge setting must never rerun (with teacher_*, pseudo_*).
 MERGE_RULES = {"merge_case", "merge_summary"}

@@ -6,7 +6,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from workflow_scripts import split
+from workflow_scripts.ingest import split
 
 ORGANS = list(range(1, 14))
 LABEL_MAP = [f"{i}:C{i}:{'lesion' if i == 14 else 'organ'}" for i in range(1, 15)]

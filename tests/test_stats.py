@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from scipy import ndimage
 
-from workflow_scripts import stats
-from workflow_scripts.qc import parse_label_map
-from workflow_scripts.volume_io import CaseError
+from workflow_scripts.ingest import stats
+from workflow_scripts.ingest.qc import parse_label_map
+from workflow_scripts.io.volumes import CaseError
 
 CLASSES = parse_label_map([f"{i}:C{i}:{'lesion' if i == 14 else 'organ'}" for i in range(1, 15)])
 LABEL_MAP_ARGS = [f"{i}:{c.name}:{c.kind}" for i, c in CLASSES.items()]

@@ -16,16 +16,16 @@ import SimpleITK as sitk
 import torch
 
 import tiny_nnunet as tn
-from workflow_scripts import teacher
-from workflow_scripts.nnunet_dataset import (
+from workflow_scripts.nnunet import teacher
+from workflow_scripts.nnunet.dataset import (
     LABEL_IDS_KEY,
     TrainingCase,
     build_dataset,
     label_ids_of,
     label_mapping,
 )
-from workflow_scripts.nnunet_ext import SETTINGS_KEY, TRAINER_NAME, configure_environment, nnunet_environment
-from workflow_scripts.volume_io import CaseError
+from workflow_scripts.nnunet.ext import SETTINGS_KEY, TRAINER_NAME, configure_environment, nnunet_environment
+from workflow_scripts.io.volumes import CaseError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,7 +99,7 @@ def test_dataset_rejects_unknown_label_values_naming_case_and_file(tmp_path):
 def test_environment_is_per_job_and_finds_the_trainer(tmp_path):
     env = nnunet_environment(tmp_path, threads=3)
     assert env["nnUNet_raw"] == str(tmp_path.resolve() / "raw") and env["nnUNet_n_proc_DA"] == "0"
-    assert env["nnUNet_extTrainer"].split(os.pathsep)[0].endswith("nnunet_ext")
+    assert env["nnUNet_extTrainer"].split(os.pathsep)[0].endswith(os.path.join("nnunet", "ext"))
     assert "nnUNet_raw" not in nnunet_environment(None, 1)
 
 
@@ -126,7 +126,7 @@ def test_inconsistent_network_overrides_are_rejected(prepared):
 
 def test_trainer_uses_the_configured_schedule_and_batch_size(prepared):
     configure_environment(prepared["root"], 1)
-    from workflow_scripts.nnunet_ext.configurable_trainer import nnUNetTrainerConfigurable
+    from workflow_scripts.nnunet.ext.configurable_trainer import nnUNetTrainerConfigurable
 
     configuration = teacher.custom_configuration(tn.CONFIGURATION)
     trainer = nnUNetTrainerConfigurable({**prepared["plans"], "continue_training": False}, configuration, "all",
@@ -141,7 +141,7 @@ def test_trainer_uses_the_configured_schedule_and_batch_size(prepared):
 
 def _train_command(prepared: dict) -> list[str]:
     model = teacher.model_folder(prepared["root"], prepared["name"], tn.PLANNER, tn.CONFIGURATION)
-    return [sys.executable, "-m", "workflow_scripts.teacher", "train", "--root", str(prepared["root"]),
+    return [sys.executable, "-m", "workflow_scripts.nnunet.teacher", "train", "--root", str(prepared["root"]),
             "--dataset-id", str(prepared["id"]), "--planner", tn.PLANNER, "--configuration", tn.CONFIGURATION,
             "--fold", "all", "--device", "cpu", "--threads", "1",
             "--expect", str(model / "fold_all" / "checkpoint_final.pth")]

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from workflow_scripts import teacher
-from workflow_scripts.nnunet_dataset import TrainingCase, build_dataset, dataset_name
+from workflow_scripts.nnunet import teacher
+from workflow_scripts.nnunet.dataset import TrainingCase, build_dataset, dataset_name
 
 LABEL_NAMES = {1: "liver", 2: "kidney", 3: "spleen", 14: "lesion"}
 CLASSES = [1, 3]  # a subset with a gap: nnU-Net ids 1, 2 map back to 1, 3

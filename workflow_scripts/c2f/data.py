@@ -24,7 +24,7 @@ from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
 from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 from batchgeneratorsv2.transforms.utils.random import RandomTransform
 
-from .volume_io import foreground_box
+from ..io.volumes import foreground_box
 
 Box = tuple[slice, slice, slice]
 IGNORE_INDEX = 255  # class index of voxels the loss must skip (uint8, outside any real class index)

@@ -8,11 +8,11 @@ the demo teacher (385 -> 100 ms).
 
 The batch holds ``mirror_batch`` copies (all 8 by default, config ``pseudo.tta_batch``). On CUDA an out-of-memory
 error halves it and retries the patch, and the smaller size is kept for the rest of the run, so a big model on a
-small GPU still predicts. The workflow's predictions (:mod:`workflow_scripts.nnunet_predict`) and nnU-Net's final
+small GPU still predicts. The workflow's predictions (:mod:`workflow_scripts.nnunet.predict`) and nnU-Net's final
 validation in training (``nnUNetTrainerConfigurable.perform_actual_validation``) use it.
 
 nnU-Net reads its environment when its modules are imported: import this module after
-:func:`workflow_scripts.nnunet_ext.configure_environment`.
+:func:`workflow_scripts.nnunet.ext.configure_environment`.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import torch
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.helpers import empty_cache
 
-from .nnunet_ext import ALL_MIRRORINGS_3D
+from .ext import ALL_MIRRORINGS_3D
 
 
 def mirrorings(axes: Sequence[int] | None) -> list[tuple[int, ...]]:

@@ -4,7 +4,7 @@ Every later stage needs realistic input without downloading 4,000 scans, so this
 the same conventions: ``imagesTr/<case>_0000.nii.gz`` (int16 HU), ``labelsTr/<case>.nii.gz`` (uint8, only for
 annotated cases, holding only the classes the case's annotation kind covers), ``truthTr/<case>.nii.gz`` (the
 complete truth, so pseudo-labels can be scored), ``imagesTs``/``labelsTs`` (complete labels) and ``dataset.json``.
-Shapes come from :mod:`workflow_scripts.demo_anatomy`; this module turns them into intensities and annotations.
+Shapes come from :mod:`workflow_scripts.demo.anatomy`; this module turns them into intensities and annotations.
 
 Every random draw of a case derives from (seed, case id) through independent streams, so a case does not depend
 on the other cases, on the order or the number of worker processes, or on n_train. (Only a lesion-only case is
@@ -27,10 +27,10 @@ from typing import Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
-from .demo_anatomy import AIR, Anatomy, SmoothField, draw_anatomy, sample_frame
-from .demo_plan import dataset_json_path, plan, truth_path
-from .layout import demo_layout
-from .volume_io import CaseError, Geometry, write_text, write_volume
+from .anatomy import AIR, Anatomy, SmoothField, draw_anatomy, sample_frame
+from .plan import dataset_json_path, plan, truth_path
+from ..io.layout import demo_layout
+from ..io.volumes import CaseError, Geometry, write_text, write_volume
 
 # The 13 FLARE23 organs the generator can draw, by label name (the config's label map gives their ids).
 FLARE_ORGANS = ("Liver", "RK", "Spleen", "Pancreas", "Aorta", "IVC", "RAG", "LAG", "Gallbladder", "Esophagus",
@@ -243,7 +243,7 @@ def generate_dataset(demo: Mapping, labels: Sequence[Mapping], results: str, thr
     train = [r for r in records if r["kind"] != TEST_KIND]
     dataset = {
         "name": "FLARE23-like synthetic demo",
-        "description": "synthetic abdominal CT from workflow_scripts.demo_dataset (FLARE23 label conventions)",
+        "description": "synthetic abdominal CT from workflow_scripts.demo.dataset (FLARE23 label conventions)",
         "seed": params.seed,
         "channel_names": {"0": "CT"},
         "labels": {"background": 0, **{entry["name"]: entry["id"] for entry in labels}},

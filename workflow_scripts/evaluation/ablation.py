@@ -10,7 +10,7 @@ from typing import Sequence
 
 import pandas as pd
 
-from .volume_io import write_text
+from ..io.volumes import write_text
 
 
 def ablation_table(experiments: Sequence[str], summaries: Sequence[pd.DataFrame]) -> pd.DataFrame:

@@ -5,7 +5,7 @@ nnU-Net is used as a library. The workflow adds three things around it:
 * a plans configuration ``<configuration>_wf`` in its own plans file ``<plans>_wf.json`` that ``inherits_from`` the
   planned configuration and overrides only what the config asks for: the batch size (the large-batch variants of
   the FLARE24 paper), a smaller patch and network for CPU demos, and the training schedule read by
-  :class:`~workflow_scripts.nnunet_ext.configurable_trainer.nnUNetTrainerConfigurable`. Preprocessed data is
+  :class:`~workflow_scripts.nnunet.ext.configurable_trainer.nnUNetTrainerConfigurable`. Preprocessed data is
   shared with the planned configuration (same data identifier), so changing the schedule never re-preprocesses;
 * resumable training: every run continues from nnU-Net's latest checkpoint (they live next to the declared
   checkpoint_final.pth, undeclared, so Snakemake keeps them), unless the plans changed since it was written;
@@ -26,9 +26,9 @@ from typing import Mapping, Sequence
 
 import pandas as pd
 
-from .nnunet_dataset import label_ids_of
-from .nnunet_ext import SETTINGS_KEY, TRAINER_NAME, configure_environment
-from .volume_io import write_text
+from .dataset import label_ids_of
+from .ext import SETTINGS_KEY, TRAINER_NAME, configure_environment
+from ..io.volumes import write_text
 
 # plans identifier each selectable planner writes (nnU-Net's own names)
 PLANS_IDENTIFIERS = {
@@ -255,7 +255,7 @@ def validation_table(summary: Mapping, dataset_json: Mapping, label_names: Mappi
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m workflow_scripts.teacher", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m workflow_scripts.nnunet.teacher", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:

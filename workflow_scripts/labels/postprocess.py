@@ -12,7 +12,7 @@ from typing import Mapping, Sequence
 import cc3d
 import numpy as np
 
-from .volume_io import foreground_box
+from ..io.volumes import foreground_box
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from typing import Collection, Mapping, Sequence
 import pandas as pd
 
 from .qc import parse_label_map
-from .volume_io import write_text
+from ..io.volumes import write_text
 
 CATEGORIES = ("strong", "weak", "unlabeled")
 

@@ -24,7 +24,7 @@ from typing import Collection, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from .volume_io import CaseError, Geometry, read_label, write_text, write_volume
+from ..io.volumes import CaseError, Geometry, read_label, write_text, write_volume
 
 LOW_CONFIDENCE_AS = ("background", "ignore")
 # columns of the per-case table written by case_table (the summary checks its inputs against them)
@@ -289,7 +289,7 @@ def input_flags(named_paths: Iterable[tuple[str, str]]) -> str:
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m workflow_scripts.merge", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m workflow_scripts.labels.merge", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     case = sub.add_parser("case", help="merge one case (or pass a strong case through)")
     case.add_argument("--case", required=True)

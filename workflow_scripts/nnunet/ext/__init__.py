@@ -17,7 +17,7 @@ from pathlib import Path
 EXT_TRAINER_DIR = Path(__file__).resolve().parent
 TRAINER_NAME = "nnUNetTrainerConfigurable"
 SETTINGS_KEY = "workflow_trainer"  # plans-configuration key holding the trainer's schedule
-ALL_MIRRORINGS_3D = 8  # copies of a 3D patch in nnU-Net's mirroring TTA (workflow_scripts/nnunet_mirroring.py)
+ALL_MIRRORINGS_3D = 8  # copies of a 3D patch in nnU-Net's mirroring TTA (workflow_scripts/nnunet/mirroring.py)
 
 
 def nnunet_environment(root: str | os.PathLike | None, threads: int, augmentation_workers: int = 0) -> dict[str, str]:

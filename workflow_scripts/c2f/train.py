@@ -25,9 +25,9 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from . import c2f_data as data
-from .c2f_model import StudentSpec, autocast, save_model
-from .volume_io import CaseError, atomic_path, read_label, read_volume
+from . import data
+from .model import StudentSpec, autocast, save_model
+from ..io.volumes import CaseError, atomic_path, read_label, read_volume
 
 LOG_COLUMNS = ["epoch", "lr", "loss", "coarse_loss", "fine_loss", "val_dice_coarse", "val_dice_fine", "seconds"]
 

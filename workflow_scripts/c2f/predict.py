@@ -20,11 +20,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import c2f_data as data
-from .c2f_model import EfficientSegNet, StudentSpec, autocast, load_model
-from .efficiency import ResourceSampler
-from .postprocess import ComponentRule, clean_components, rules_from_config
-from .volume_io import CaseError, atomic_path, foreground_box, read_volume, write_volume
+from . import data
+from .model import EfficientSegNet, StudentSpec, autocast, load_model
+from ..evaluation.efficiency import ResourceSampler
+from ..labels.postprocess import ComponentRule, clean_components, rules_from_config
+from ..io.volumes import CaseError, atomic_path, foreground_box, read_volume, write_volume
 
 EFFICIENCY_COLUMNS = ["Name", "Time", "MaxGPU_Mem", "AUC_GPU_Time", "ImageSize", "MemoryKind"]
 # dtypes torch can take straight from numpy; anything else is converted to float32 first

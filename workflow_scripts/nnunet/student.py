@@ -4,8 +4,8 @@ This follows the FLARE24 large-batch paper: nnU-Net's default configuration, onl
 trained on the merged labels or on the raw partial labels treated as full labels; two models (batch 4 and 8) are an
 ensemble whose prediction averages their softmax.
 
-Everything nnU-Net-specific is the teacher's code (:mod:`workflow_scripts.teacher`,
-:mod:`workflow_scripts.nnunet_dataset`, :mod:`workflow_scripts.nnunet_ext`); this module only composes it:
+Everything nnU-Net-specific is the teacher's code (:mod:`workflow_scripts.nnunet.teacher`,
+:mod:`workflow_scripts.nnunet.dataset`, :mod:`workflow_scripts.nnunet.ext`); this module only composes it:
 
 * the dataset learns every class of the label map; merged labels written with ``merge.low_confidence_as: ignore``
   carry the ignore label (highest id + 1), which dataset.json declares as nnU-Net's ``"ignore"`` label, so those
@@ -26,8 +26,8 @@ from typing import Mapping, Sequence
 
 import pandas as pd
 
-from .merge import ignore_label
-from .nnunet_dataset import TrainingCase, build_dataset, dataset_name
+from ..labels.merge import ignore_label
+from .dataset import TrainingCase, build_dataset, dataset_name
 from .teacher import _check_expected  # the rule's declared path must be where nnU-Net writes
 from .teacher import (
     configure_plans,
@@ -37,7 +37,7 @@ from .teacher import (
     plan_and_preprocess,
     train,
 )
-from .volume_io import CaseError, write_text
+from ..io.volumes import CaseError, write_text
 
 MANIFEST_COLUMNS = ("case", "image", "label")
 IGNORE_NAME = "ignore"  # the label name nnU-Net v2 treats as "not annotated" (it must have the highest id)
@@ -137,7 +137,7 @@ def student_plans(plans: Mapping, planner: str, configuration: str, trainer_sett
                   features_per_stage: Sequence[int] | None = None) -> dict:
     """The planner's plans plus one workflow configuration per batch size (see module doc).
 
-    Each is the teacher's :func:`~workflow_scripts.teacher.configure_plans` configuration for that batch size,
+    Each is the teacher's :func:`~workflow_scripts.nnunet.teacher.configure_plans` configuration for that batch size,
     stored under its own name, so the models differ in nothing but the batch size.
     """
     if len(set(batch_sizes)) != len(batch_sizes) or not batch_sizes:
@@ -160,7 +160,7 @@ def train_model(root: str | Path, dataset_id: int, planner: str, configuration: 
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m workflow_scripts.nnunet_student",
+    parser = argparse.ArgumentParser(prog="python -m workflow_scripts.nnunet.student",
                                      description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -19,7 +19,7 @@ from typing import Mapping, Sequence
 import pandas as pd
 
 from .metrics import ClassSpec, case_metrics, class_specs
-from .volume_io import CaseError, read_label, write_text
+from ..io.volumes import CaseError, read_label, write_text
 
 ORGAN_AVERAGE = "Organ average"
 

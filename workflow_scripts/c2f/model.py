@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .volume_io import atomic_path
+from ..io.volumes import atomic_path
 
 NEGATIVE_SLOPE = 0.01
 

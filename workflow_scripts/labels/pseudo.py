@@ -1,6 +1,6 @@
 """Teacher pseudo-labels for weak (and optionally unlabeled) cases: label map plus confidence map per case.
 
-The teacher (an nnU-Net model, see :mod:`workflow_scripts.nnunet_predict`) predicts every case of a shard with
+The teacher (an nnU-Net model, see :mod:`workflow_scripts.nnunet.predict`) predicts every case of a shard with
 one model load. Per case two files are written into the shard folder:
 
 * ``{case}.nii.gz``: uint8 label map in the workflow's label ids, exactly on the input image's grid, cleaned with
@@ -28,7 +28,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from .postprocess import ComponentRule, clean_components, rules_from_config
-from .volume_io import CaseError, Geometry, write_volume
+from ..io.volumes import CaseError, Geometry, write_volume
 
 CONFIDENCE_SUFFIX = "_confidence"
 
@@ -98,7 +98,7 @@ def write_pseudo_label(folder: str | os.PathLike, case: str, label: np.ndarray, 
 def predict_pseudo_shard(args: argparse.Namespace) -> None:
     """Predict a shard into a fresh folder that appears complete or not at all."""
     # torch and nnU-Net load here, not at import: Snakemake imports this module while parsing the rule files
-    from .nnunet_predict import ensemble_from_args, predict_shard
+    from ..nnunet.predict import ensemble_from_args, predict_shard
 
     rules = rules_from_config(json.loads(args.postprocess), json.loads(args.labels))
     ensemble = ensemble_from_args(args)
@@ -120,9 +120,9 @@ def predict_pseudo_shard(args: argparse.Namespace) -> None:
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    from .nnunet_predict import add_model_arguments
+    from ..nnunet.predict import add_model_arguments
 
-    parser = argparse.ArgumentParser(prog="python -m workflow_scripts.pseudo_labels",
+    parser = argparse.ArgumentParser(prog="python -m workflow_scripts.labels.pseudo",
                                      description="Pseudo-label a shard of cases with one model load.")
     add_model_arguments(parser)
     parser.add_argument("--out", required=True, help="shard folder to create")

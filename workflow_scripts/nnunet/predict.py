@@ -5,14 +5,14 @@ export run in *spawned* processes (each re-imports torch, and code calling it mu
 export resamples the logits of every class back to the input grid with scikit-image on the CPU, which dominates the
 time of FLARE-sized volumes. Here everything runs in one process, in order, per case:
 
-1. read the image with :mod:`workflow_scripts.volume_io` (clear :class:`CaseError` naming case and file);
+1. read the image with :mod:`workflow_scripts.io.volumes` (clear :class:`CaseError` naming case and file);
 2. nnU-Net's own preprocessor (transpose, crop to non-zero, normalise, resample) and its sliding-window predictor
    (Gaussian weighting, mirroring TTA when asked), so the logits are nnU-Net's;
 3. the export on the model's device with torch: trilinear resampling of the logits to the cropped input grid (the
    counterpart of nnU-Net's order-1 default), softmax, averaging over the models of an ensemble, argmax and the
    maximum probability (the confidence), then transposing back and uncropping the label and confidence maps;
 4. nnU-Net's consecutive ids mapped back to the workflow's label ids (dataset.json ``workflow_label_ids``, see
-   :mod:`workflow_scripts.nnunet_dataset`) and the caller's writer (e.g. connected-component cleanup + writing).
+   :mod:`workflow_scripts.nnunet.dataset`) and the caller's writer (e.g. connected-component cleanup + writing).
 
 Models are loaded once (:func:`load_ensemble`) and reused for a whole shard of cases (:func:`predict_shard`).
 Several model folders (e.g. the batch-4 and batch-8 students) form an ensemble whose softmax is averaged; they must
@@ -32,11 +32,11 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from .efficiency import ResourceSampler
-from .nnunet_dataset import label_ids_of
-from .nnunet_ext import ALL_MIRRORINGS_3D, configure_environment
-from .postprocess import clean_components, rules_from_config
-from .volume_io import CaseError, Geometry, atomic_path, read_volume, write_volume
+from ..evaluation.efficiency import ResourceSampler
+from .dataset import label_ids_of
+from .ext import ALL_MIRRORINGS_3D, configure_environment
+from ..labels.postprocess import clean_components, rules_from_config
+from ..io.volumes import CaseError, Geometry, atomic_path, read_volume, write_volume
 
 EFFICIENCY_COLUMNS = ["Name", "Time", "MaxGPU_Mem", "AUC_GPU_Time", "ImageSize", "MemoryKind"]
 # writer(case, labels in workflow ids, confidence in [0, 1] or None, geometry of the input image)
@@ -78,13 +78,13 @@ def load_ensemble(model_folders: Sequence[str | Path], fold: str | int, device: 
                   checkpoint: str = "checkpoint_final.pth", threads: int = 1,
                   tta_batch: int = ALL_MIRRORINGS_3D) -> Ensemble:
     """Load every model once (weights on ``device``); ``tta`` enables nnU-Net's mirroring test-time augmentation,
-    ``tta_batch`` mirrored copies of a patch at a time (:mod:`workflow_scripts.nnunet_mirroring`)."""
+    ``tta_batch`` mirrored copies of a patch at a time (:mod:`workflow_scripts.nnunet.mirroring`)."""
     if not model_folders:
         raise ValueError("no model folder given")
     for folder in model_folders:
         check_model_folder(folder, fold, checkpoint)
     configure_environment(None, threads)  # trainer classes (nnUNet_extTrainer) before nnU-Net is imported
-    from .nnunet_mirroring import BatchedMirroringPredictor
+    from .mirroring import BatchedMirroringPredictor
 
     torch.set_num_threads(threads)
     torch_device = torch.device(device)
@@ -255,7 +255,7 @@ def ensemble_from_args(args: argparse.Namespace) -> Ensemble:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m workflow_scripts.nnunet_predict",
+    parser = argparse.ArgumentParser(prog="python -m workflow_scripts.nnunet.predict",
                                      description=__doc__.split("\n")[0])
     add_model_arguments(parser)
     parser.add_argument("--outputs", nargs="+", required=True, help="one output label file per case, same order")

@@ -2,7 +2,7 @@
 
 nnU-Net hard-codes 1000 epochs x 250 iterations and a checkpoint every 50 epochs in ``nnUNetTrainer.__init__``; the
 usual way to change them is one trainer class per setting. Here the workflow writes the settings into the plans
-configuration it trains (key ``workflow_trainer``, see :mod:`workflow_scripts.teacher`), so one class serves every
+configuration it trains (key ``workflow_trainer``, see :mod:`workflow_scripts.nnunet.teacher`), so one class serves every
 config, and the trained model folder's plans.json records the schedule that produced it.
 
 The class is found by nnU-Net through ``nnUNet_extTrainer`` (training and inference alike), which imports this file
@@ -14,9 +14,9 @@ import torch
 from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as trainer_module
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from workflow_scripts.nnunet_ext import SETTINGS_KEY
-from workflow_scripts.nnunet_mirroring import BatchedMirroringPredictor
-from workflow_scripts.volume_io import atomic_path
+from workflow_scripts.nnunet.ext import SETTINGS_KEY
+from workflow_scripts.nnunet.mirroring import BatchedMirroringPredictor
+from workflow_scripts.io.volumes import atomic_path
 
 # plans key -> trainer attribute
 SETTINGS = {
@@ -58,7 +58,7 @@ class nnUNetTrainerConfigurable(nnUNetTrainer):  # noqa: N801 - nnU-Net finds tr
 
     def perform_actual_validation(self, save_probabilities: bool = False) -> None:
         """nnU-Net's final validation, with the mirrored copies of each patch batched (same Dice, a fraction of
-        the time: :mod:`workflow_scripts.nnunet_mirroring`). nnU-Net builds its predictor inside this method from
+        the time: :mod:`workflow_scripts.nnunet.mirroring`). nnU-Net builds its predictor inside this method from
         its module's ``nnUNetPredictor``, so that name is swapped for the duration of the call."""
         original = trainer_module.nnUNetPredictor
         trainer_module.nnUNetPredictor = BatchedMirroringPredictor

@@ -23,7 +23,7 @@ import pandas as pd
 from scipy import ndimage
 
 from .qc import LabelClass, parse_label_map
-from .volume_io import CaseError, atomic_path, foreground_box, read_label, write_text
+from ..io.volumes import CaseError, atomic_path, foreground_box, read_label, write_text
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

@@ -1,7 +1,7 @@
 """Which cases the embedded demo dataset contains, decided from the config alone.
 
 Snakemake must know every case id before the demo volumes exist, so the plan (names and annotation kind of each
-case) is a cheap pure function of the ``demo`` config; :mod:`workflow_scripts.demo_dataset` draws the volumes
+case) is a cheap pure function of the ``demo`` config; :mod:`workflow_scripts.demo.dataset` draws the volumes
 for exactly this plan.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .layout import demo_layout
+from ..io.layout import demo_layout
 
 KINDS = ("strong", "lesion_only", "partial", "unlabeled")
 

@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .volume_io import CaseError, validate_case_id
+from .volumes import CaseError, validate_case_id
 
 
 @dataclass(frozen=True)

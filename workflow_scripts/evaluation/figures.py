@@ -27,7 +27,7 @@ from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator, StrMethodFormatter  # noqa: E402
 
-from .volume_io import CaseError, atomic_path, read_label, read_volume  # noqa: E402
+from ..io.volumes import CaseError, atomic_path, read_label, read_volume  # noqa: E402
 
 
 def save(figure: plt.Figure, path: str, dpi: int) -> None:

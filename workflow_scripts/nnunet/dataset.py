@@ -22,7 +22,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .volume_io import CaseError, read_label, validate_case_id, write_text, write_volume
+from ..io.volumes import CaseError, read_label, validate_case_id, write_text, write_volume
 
 LABEL_IDS_KEY = "workflow_label_ids"
 CHANNEL_NAME = "CT"  # selects nnU-Net's CT normalisation (global foreground percentiles)
@@ -140,7 +140,7 @@ def label_ids_of(dataset_json: Mapping) -> dict[int, int]:
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m workflow_scripts.nnunet_dataset", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m workflow_scripts.nnunet.dataset", description=__doc__.split("\n")[0])
     parser.add_argument("--cases", nargs="+", required=True, help="case ids")
     parser.add_argument("--images", nargs="+", required=True, help="image files, in the order of --cases")
     parser.add_argument("--labels", nargs="+", required=True, help="label files, in the order of --cases")

@@ -2,7 +2,7 @@
 
 Prediction jobs run on shards of test cases (the model is loaded once per shard) and each writes the FLARE
 efficiency measurements of its cases: wall time (s), peak memory (MB) and the area under the memory-time curve
-(MB·s), sampled with :class:`workflow_scripts.efficiency.ResourceSampler`. ``MemoryKind`` says whether memory is GPU
+(MB·s), sampled with :class:`workflow_scripts.evaluation.efficiency.ResourceSampler`. ``MemoryKind`` says whether memory is GPU
 memory (NVML) or, on CPU-only runs, the process's resident memory, so a CPU table is never mistaken for a GPU one.
 This module concatenates the shards into the paper's Table 6 layout and checks that every test case appears once.
 """
@@ -13,7 +13,7 @@ from typing import Sequence
 
 import pandas as pd
 
-from .volume_io import write_text
+from ..io.volumes import write_text
 
 COLUMNS = ["Name", "Time", "MaxGPU_Mem", "AUC_GPU_Time", "ImageSize", "MemoryKind"]
 

@@ -19,7 +19,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from .volume_io import CaseError, Geometry, read_label, read_volume, validate_case_id, write_text
+from ..io.volumes import CaseError, Geometry, read_label, read_volume, validate_case_id, write_text
 
 
 @dataclass(frozen=True)
