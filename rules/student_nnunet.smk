@@ -14,7 +14,7 @@ from workflow_scripts.nnunet.student import (
     uses_ignore_label,
     write_manifest,
 )
-from workflow_scripts.nnunet.teacher import custom_plans_identifier, fold_name
+from workflow_scripts.nnunet.training import custom_plans_identifier, fold_name
 
 NNUNET_STUDENT = config["student"]["nnunet"]
 NNUNET_PLANS = custom_plans_identifier(NNUNET_STUDENT["planner"])
@@ -108,7 +108,7 @@ rule student_nnunet_dataset:
         out=lambda wildcards, output: os.path.dirname(output[0]),
     shell:
         "{params.py}.nnunet.student dataset --manifest {input:q} --labels {params.labels:q}"
-        " {params.ignore} --out {params.out:q} > {log:q} 2>&1"
+        " {params.ignore} --output {params.out:q} > {log:q} 2>&1"
 
 
 rule student_nnunet_plan:
@@ -158,7 +158,7 @@ rule student_nnunet_plan:
         "{params.py}.nnunet.student plan --root {params.root:q} --dataset-id {params.dataset_id}"
         " --planner {params.planner} --configuration {params.configuration} --threads {threads}"
         " --batch-sizes {params.batch_sizes} {params.overrides} {params.schedule}"
-        " --out {output:q} > {log:q} 2>&1"
+        " --output {output:q} > {log:q} 2>&1"
 
 
 rule student_nnunet_train:

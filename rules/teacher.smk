@@ -7,7 +7,7 @@
 import json
 
 from workflow_scripts.nnunet.dataset import dataset_name
-from workflow_scripts.nnunet.teacher import (
+from workflow_scripts.nnunet.training import (
     PLANS_IDENTIFIERS,
     custom_plans_identifier,
     fold_name,
@@ -128,7 +128,7 @@ rule teacher_configure:
         ),
     shell:
         "{params.py}.nnunet.teacher configure {params.args} --base-plans {input:q}"
-        " {params.overrides} {params.schedule} --out {output:q} > {log:q} 2>&1"
+        " {params.overrides} {params.schedule} --output {output:q} > {log:q} 2>&1"
 
 
 rule teacher_train:
@@ -184,7 +184,7 @@ rule teacher_validation:
     shell:
         "{params.py}.nnunet.teacher validation --summary {input.summary:q}"
         " --dataset-json {input.dataset:q} --label-map {params.labels:q}"
-        " --fold {params.fold} --out {output:q} > {log:q} 2>&1"
+        " --fold {params.fold} --output {output:q} > {log:q} 2>&1"
 
 
 # Test-set predictions of the teacher (ablation table): one job per shard, the model loaded once per shard.

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import tiny_nnunet as tn
-from workflow_scripts.nnunet import teacher
+from workflow_scripts.nnunet import training
 from workflow_scripts.nnunet.ext import configure_environment
 
 configure_environment(None, 1)  # before nnU-Net is imported
@@ -110,7 +110,7 @@ def test_final_validation_of_the_trainer_batches_the_mirrorings(tmp_path, monkey
     monkeypatch.setattr(BatchedMirroringPredictor, "_internal_maybe_mirror_and_predict",
                         lambda self, x: calls.append(self.mirror_batch) or batched(self, x))
     trainer = nnUNetTrainerConfigurable({**prepared["plans"], "continue_training": False},
-                                        teacher.custom_configuration(tn.CONFIGURATION), "all", prepared["dataset"],
+                                        training.custom_configuration(tn.CONFIGURATION), "all", prepared["dataset"],
                                         device=torch.device("cpu"))
     trainer.initialize()
     trainer.output_folder = str(tmp_path / "out")

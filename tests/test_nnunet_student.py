@@ -15,7 +15,7 @@ from conftest import TINY_CONFIG, run_workflow
 from workflow_scripts.nnunet import student as ns
 from workflow_scripts.nnunet.ext import configure_environment
 from workflow_scripts.nnunet.predict import _preprocessing_key, _probabilities, load_ensemble, predict_volume
-from workflow_scripts.nnunet.teacher import custom_configuration, custom_plans_identifier
+from workflow_scripts.nnunet.training import custom_configuration, custom_plans_identifier
 from workflow_scripts.io.volumes import read_volume
 
 LABELS = [
@@ -113,7 +113,7 @@ def test_dataset_rejects_ignore_values_when_not_declared(tmp_path):
     manifest = tmp_path / "train_cases.tsv"
     ns.write_manifest(manifest, [case.case], [case.image], [case.label])
     with pytest.raises(SystemExit, match=r"case 'bad' \(file .*bad.nii.gz\).*\[4\]"):
-        ns.main(["dataset", "--manifest", str(manifest), "--labels", json.dumps(LABELS), "--out",
+        ns.main(["dataset", "--manifest", str(manifest), "--labels", json.dumps(LABELS), "--output",
                  str(tmp_path / "raw" / "Dataset951_x")])
 
 
@@ -132,7 +132,7 @@ def test_dataset_cli_from_manifest(tmp_path):
     manifest = tmp_path / "train_cases.tsv"
     ns.write_manifest(manifest, [c.case for c in cases], [c.image for c in cases], [c.label for c in cases])
     out = tmp_path / "raw" / "Dataset953_cli"
-    ns.main(["dataset", "--manifest", str(manifest), "--labels", json.dumps(LABELS), "--ignore", "--out", str(out)])
+    ns.main(["dataset", "--manifest", str(manifest), "--labels", json.dumps(LABELS), "--ignore", "--output", str(out)])
     dataset = json.loads((out / "dataset.json").read_text())
     assert dataset["numTraining"] == 2 and dataset["labels"]["ignore"] == IGNORE
 

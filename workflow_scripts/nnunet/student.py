@@ -4,7 +4,7 @@ This follows the FLARE24 large-batch paper: nnU-Net's default configuration, onl
 trained on the merged labels or on the raw partial labels treated as full labels; two models (batch 4 and 8) are an
 ensemble whose prediction averages their softmax.
 
-Everything nnU-Net-specific is the teacher's code (:mod:`workflow_scripts.nnunet.teacher`,
+Everything nnU-Net-specific is shared with the teacher (:mod:`workflow_scripts.nnunet.training`,
 :mod:`workflow_scripts.nnunet.dataset`, :mod:`workflow_scripts.nnunet.ext`); this module only composes it:
 
 * the dataset learns every class of the label map; merged labels written with ``merge.low_confidence_as: ignore``
@@ -28,14 +28,17 @@ import pandas as pd
 
 from ..labels.merge import ignore_label
 from .dataset import TrainingCase, build_dataset, dataset_name
-from .teacher import _check_expected  # the rule's declared path must be where nnU-Net writes
-from .teacher import (
+from .training import (
+    add_nnunet_arguments,
+    add_plans_arguments,
+    check_expected,
     configure_plans,
     custom_configuration,
     custom_plans_identifier,
     model_folder,
     plan_and_preprocess,
     train,
+    trainer_settings,
 )
 from ..io.volumes import CaseError, write_text
 
@@ -137,7 +140,7 @@ def student_plans(plans: Mapping, planner: str, configuration: str, trainer_sett
                   features_per_stage: Sequence[int] | None = None) -> dict:
     """The planner's plans plus one workflow configuration per batch size (see module doc).
 
-    Each is the teacher's :func:`~workflow_scripts.nnunet.teacher.configure_plans` configuration for that batch size,
+    Each is the teacher's :func:`~workflow_scripts.nnunet.training.configure_plans` configuration for that batch size,
     stored under its own name, so the models differ in nothing but the batch size.
     """
     if len(set(batch_sizes)) != len(batch_sizes) or not batch_sizes:
@@ -154,7 +157,7 @@ def student_plans(plans: Mapping, planner: str, configuration: str, trainer_sett
 
 def train_model(root: str | Path, dataset_id: int, planner: str, configuration: str, batch_size: int,
                 fold: str | int, device: str, threads: int) -> Path:
-    """Train (or resume; a finished run's leftovers are discarded by ``teacher.train``) the batch-size
+    """Train (or resume; a finished run's leftovers are discarded by ``training.train``) the batch-size
     ``batch_size`` model; returns its checkpoint_final.pth."""
     return train(root, dataset_id, planner, batch_configuration(configuration, batch_size), fold, device, threads)
 
@@ -168,28 +171,16 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ds.add_argument("--manifest", required=True, help="TSV with columns case, image, label")
     ds.add_argument("--labels", required=True, help="the label map as JSON (config key labels)")
     ds.add_argument("--ignore", action="store_true", help="declare the ignore label (highest id + 1)")
-    ds.add_argument("--out", required=True, help="dataset folder, e.g. .../raw/Dataset902_two_stage_nn")
-
-    def nnunet_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--root", required=True, help="folder holding nnU-Net's raw/, preprocessed/, results/")
-        p.add_argument("--dataset-id", type=int, required=True)
-        p.add_argument("--planner", required=True)
-        p.add_argument("--configuration", required=True, help="planned configuration, e.g. 3d_fullres")
-        p.add_argument("--threads", type=int, default=1)
+    ds.add_argument("--output", required=True, help="dataset folder, e.g. .../raw/Dataset902_two_stage_nn")
 
     plan = sub.add_parser("plan", help="fingerprint, plan, preprocess and write one configuration per batch size")
-    nnunet_args(plan)
+    add_nnunet_arguments(plan)
     plan.add_argument("--batch-sizes", type=int, nargs="+", required=True)
-    plan.add_argument("--patch-size", type=int, nargs=3)
-    plan.add_argument("--features-per-stage", type=int, nargs="+")
-    plan.add_argument("--epochs", type=int, required=True)
-    plan.add_argument("--iterations-per-epoch", type=int, required=True)
-    plan.add_argument("--val-iterations", type=int, required=True)
-    plan.add_argument("--checkpoint-every", type=int, required=True)
-    plan.add_argument("--out", required=True, help="the workflow plans file the rule declares")
+    add_plans_arguments(plan)
+    plan.add_argument("--output", required=True, help="the workflow plans file the rule declares")
 
     tr = sub.add_parser("train", help="train or resume one batch size's model")
-    nnunet_args(tr)
+    add_nnunet_arguments(tr)
     tr.add_argument("--batch-size", type=int, required=True)
     tr.add_argument("--fold", required=True)
     tr.add_argument("--device", choices=["cpu", "cuda"], required=True)
@@ -201,27 +192,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = _parse_args(argv)
     if args.command == "dataset":
         try:
-            dataset = build_student_dataset(read_manifest(args.manifest), args.out, json.loads(args.labels),
+            dataset = build_student_dataset(read_manifest(args.manifest), args.output, json.loads(args.labels),
                                             args.ignore)
         except (CaseError, ValueError) as err:  # a bad label or manifest: one clear line naming case and file
             sys.exit(f"error: {err}")
-        print(f"{args.out}: {dataset['numTraining']} cases, labels {dataset['labels']}, "
+        print(f"{args.output}: {dataset['numTraining']} cases, labels {dataset['labels']}, "
               f"{dataset['labels_rewritten']} label files rewritten (the rest are symlinks)")
     elif args.command == "plan":
         base = plan_and_preprocess(args.root, args.dataset_id, args.planner, args.configuration, args.threads)
-        _check_expected(base.parent / f"{custom_plans_identifier(args.planner)}.json", args.out)
-        settings = {"num_epochs": args.epochs, "num_iterations_per_epoch": args.iterations_per_epoch,
-                    "num_val_iterations_per_epoch": args.val_iterations, "save_every": args.checkpoint_every}
-        plans = student_plans(json.loads(base.read_text()), args.planner, args.configuration, settings,
+        check_expected(base.parent / f"{custom_plans_identifier(args.planner)}.json", args.output)
+        plans = student_plans(json.loads(base.read_text()), args.planner, args.configuration, trainer_settings(args),
                               args.batch_sizes, args.patch_size, args.features_per_stage)
-        write_text(args.out, json.dumps(plans, indent=2))
+        write_text(args.output, json.dumps(plans, indent=2))
         for batch in args.batch_sizes:
             name = custom_configuration(batch_configuration(args.configuration, batch))
-            print(f"{args.out}: configuration {name} = {json.dumps(plans['configurations'][name])}")
+            print(f"{args.output}: configuration {name} = {json.dumps(plans['configurations'][name])}")
     else:
         checkpoint = train_model(args.root, args.dataset_id, args.planner, args.configuration, args.batch_size,
                                  args.fold, args.device, args.threads)
-        _check_expected(checkpoint, args.expect)
+        check_expected(checkpoint, args.expect)
     sys.stdout.flush()
 
 
