@@ -22,7 +22,6 @@ from workflow_scripts.labels.merge import (
     LabelValuesError,
     MergeSettings,
     case_table,
-    ignore_label,
     input_flags,
     main,
     merge_labels,
@@ -31,6 +30,7 @@ from workflow_scripts.labels.merge import (
     settings_from_config,
     value_counts,
 )
+from workflow_scripts.io.label_map import ignore_label
 from workflow_scripts.io.volumes import CaseError
 
 # a small FLARE-like label map: organs 1-5, lesion 6; the teacher predicts organs only
@@ -249,8 +249,8 @@ def case_files(tmp_path: Path, weak: np.ndarray | None, pseudo: np.ndarray | Non
 
 
 def cli_args(files: dict[str, Path], out: Path, *extra: str) -> list[str]:
-    args = ["case", "--case", "case_01", "--labels", json.dumps(LABELS), "--fill-classes", *map(str, ORGANS),
-            "--out-label", str(out / "case_01.nii.gz"), "--out-table", str(out / "case_01.tsv"), *extra]
+    args = ["case", "--case", "case_01", "--label-map", json.dumps(LABELS), "--fill-classes", *map(str, ORGANS),
+            "--output-label", str(out / "case_01.nii.gz"), "--output-table", str(out / "case_01.tsv"), *extra]
     for name, path in files.items():
         args += [f"--{name}", str(path)]
     return args

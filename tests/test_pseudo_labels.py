@@ -76,7 +76,7 @@ def test_written_pseudo_label_is_cleaned_and_keeps_geometry(tmp_path):
 
 def _shard_argv(model: dict, cases, images, out: Path) -> list[str]:
     return ["--models", str(model["model"]), "--fold", "all", "--cases", *cases, "--images", *images,
-            "--labels", json.dumps(LABELS), "--postprocess", json.dumps(POSTPROCESS), "--out", str(out)]
+            "--label-map", json.dumps(LABELS), "--postprocess", json.dumps(POSTPROCESS), "--output", str(out)]
 
 
 def test_shard_cli_writes_every_case_and_its_confidence(tmp_path_factory, tmp_path):

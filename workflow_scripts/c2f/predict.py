@@ -22,11 +22,11 @@ import torch
 
 from . import data
 from .model import EfficientSegNet, StudentSpec, autocast, load_model
-from ..evaluation.efficiency import ResourceSampler
+from ..evaluation.efficiency import measure_cases, write_efficiency_table
+from ..io.label_map import add_label_map_argument
 from ..labels.postprocess import ComponentRule, clean_components, rules_from_config
-from ..io.volumes import CaseError, atomic_path, foreground_box, read_volume, write_volume
+from ..io.volumes import CaseError, foreground_box, read_volume, write_volume
 
-EFFICIENCY_COLUMNS = ["Name", "Time", "MaxGPU_Mem", "AUC_GPU_Time", "ImageSize", "MemoryKind"]
 # dtypes torch can take straight from numpy; anything else is converted to float32 first
 _TORCH_DTYPES = {np.dtype(t) for t in (np.uint8, np.int8, np.int16, np.int32, np.int64, np.float32, np.float64)}
 
@@ -118,16 +118,11 @@ def predict_case(student: Student, case: str, image_path: str, output_path: str,
 
 def predict_shard(student: Student, cases: Sequence[str], images: Sequence[str], outputs: Sequence[str],
                   margin_mm: float, rules: Mapping[int, ComponentRule], interval_s: float) -> pd.DataFrame:
-    """Predict every case of a shard, measuring each read->write with :class:`ResourceSampler`."""
-    rows = []
-    for case, image, output in zip(cases, images, outputs, strict=True):
-        with ResourceSampler(student.device.type, interval_s) as sampler:
-            size = predict_case(student, case, image, output, margin_mm, rules)
-        usage = sampler.usage
-        rows.append([case, usage.time_s, usage.peak_mem_mb, usage.auc_mem_mb_s, size, usage.memory_kind])
-        print(f"{case}: {size} in {usage.time_s:.2f}s, peak {usage.memory_kind} {usage.peak_mem_mb:.0f} MB",
-              flush=True)
-    return pd.DataFrame(rows, columns=EFFICIENCY_COLUMNS)
+    """Predict every case of a shard, measuring each read->write (:func:`measure_cases`)."""
+    if not len(cases) == len(images) == len(outputs):
+        raise ValueError(f"{len(cases)} cases, {len(images)} images and {len(outputs)} outputs")
+    return measure_cases(cases, lambda i: predict_case(student, cases[i], images[i], outputs[i], margin_mm, rules),
+                         student.device.type, interval_s)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -137,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--images", required=True, nargs="+", help="one image per case, same order")
     parser.add_argument("--outputs", required=True, nargs="+", help="one output label file per case, same order")
     parser.add_argument("--efficiency", required=True, help="output TSV, one row per case")
-    parser.add_argument("--labels", required=True, help="the label map (config 'labels') as JSON")
+    add_label_map_argument(parser)
     parser.add_argument("--postprocess", required=True, help="the 'postprocess' config section as JSON")
     parser.add_argument("--margin-mm", type=float, required=True)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -148,14 +143,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not len(args.cases) == len(args.images) == len(args.outputs):
         parser.error("--cases, --images and --outputs need the same number of entries")
     torch.set_num_threads(args.threads)
-    rules = rules_from_config(json.loads(args.postprocess), json.loads(args.labels))
+    rules = rules_from_config(json.loads(args.postprocess), args.label_map)
     student = Student.load(args.model, args.device, args.amp)
     try:
         table = predict_shard(student, args.cases, args.images, args.outputs, args.margin_mm, rules, args.interval)
     except CaseError as err:
         sys.exit(f"error: {err}")
-    with atomic_path(args.efficiency) as tmp:
-        table.to_csv(tmp, sep="\t", index=False, float_format="%.4f")
+    write_efficiency_table(args.efficiency, table)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from . import data
 from .model import StudentSpec, autocast, save_model
+from ..io.manifest import TrainingCase, read_manifest
 from ..io.volumes import CaseError, atomic_path, read_label, read_volume
 
 LOG_COLUMNS = ["epoch", "lr", "loss", "coarse_loss", "fine_loss", "val_dice_coarse", "val_dice_fine", "seconds"]
@@ -52,22 +53,6 @@ class TrainSettings:
     @classmethod
     def from_config(cls, c2f: dict) -> "TrainSettings":
         return cls(**{name: c2f[name] for name in cls.__dataclass_fields__})
-
-
-@dataclass(frozen=True)
-class TrainingCase:
-    case: str
-    image: str
-    label: str
-
-
-def read_manifest(path: str | os.PathLike) -> list[TrainingCase]:
-    """Training cases from a TSV with columns case, image, label.
-
-    A file rather than command-line arguments: thousands of paths would exceed the shell's argument limit.
-    """
-    table = pd.read_csv(path, sep="\t", dtype=str)
-    return [TrainingCase(row.case, row.image, row.label) for row in table.itertuples()]
 
 
 # --- preparation -------------------------------------------------------------------------------------------------

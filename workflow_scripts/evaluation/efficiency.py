@@ -3,6 +3,9 @@
 FLARE ranks efficiency by wall time, peak GPU memory and the area under the GPU-memory-time curve, sampled every
 0.1 s. :class:`ResourceSampler` records those around one case; on a machine without a GPU (or with
 device=cpu) it samples the process's resident memory instead and says so in ``memory_kind``.
+:func:`measure_cases` runs a prediction shard's cases under it and returns the per-case efficiency table
+(:data:`EFFICIENCY_COLUMNS`, the paper's Table 6) that every prediction job writes with
+:func:`write_efficiency_table` and :mod:`workflow_scripts.evaluation.efficiency_report` collects.
 """
 from __future__ import annotations
 
@@ -10,8 +13,15 @@ import os
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
+import pandas as pd
 import psutil
+
+from ..io.volumes import atomic_path
+
+# one row per case: case id, seconds, peak memory (MB), memory-time area (MB*s), size XxYxZ, "gpu" or "rss"
+EFFICIENCY_COLUMNS = ["Name", "Time", "MaxGPU_Mem", "AUC_GPU_Time", "ImageSize", "MemoryKind"]
 
 
 @dataclass(frozen=True)
@@ -73,3 +83,24 @@ class ResourceSampler:
         mems = [m for _, m in samples]
         auc = sum((t1 - t0) * (m0 + m1) / 2 for t0, t1, m0, m1 in zip(times, times[1:], mems, mems[1:]))
         self.usage = Usage(end - self._start, max(mems), auc, self.memory_kind)
+
+
+def measure_cases(cases: Sequence[str], run_case: Callable[[int], str], device: str,
+                  interval_s: float = 0.1) -> pd.DataFrame:
+    """Run ``run_case(i)`` (read, predict and write case ``i``; returns its image size ``XxYxZ``) for every case
+    under a :class:`ResourceSampler`; one efficiency row per case, read -> write."""
+    rows = []
+    for index, case in enumerate(cases):
+        with ResourceSampler(device, interval_s) as sampler:
+            size = run_case(index)
+        usage = sampler.usage
+        rows.append([case, usage.time_s, usage.peak_mem_mb, usage.auc_mem_mb_s, size, usage.memory_kind])
+        print(f"{case}: {size} in {usage.time_s:.2f}s, peak {usage.memory_kind} {usage.peak_mem_mb:.0f} MB",
+              flush=True)
+    return pd.DataFrame(rows, columns=EFFICIENCY_COLUMNS)
+
+
+def write_efficiency_table(path: str | os.PathLike, table: pd.DataFrame) -> None:
+    """Atomically write an efficiency table (four decimals)."""
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, sep="\t", index=False, float_format="%.4f")

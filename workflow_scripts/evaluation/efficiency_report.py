@@ -14,8 +14,7 @@ from typing import Sequence
 import pandas as pd
 
 from ..io.volumes import write_text
-
-COLUMNS = ["Name", "Time", "MaxGPU_Mem", "AUC_GPU_Time", "ImageSize", "MemoryKind"]
+from .efficiency import EFFICIENCY_COLUMNS as COLUMNS
 
 
 def merge_shard_tables(paths: Sequence[str], expected_cases: Sequence[str] | None = None) -> pd.DataFrame:

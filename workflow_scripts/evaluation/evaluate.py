@@ -12,14 +12,14 @@ grid differs from the ground truth's is an error naming the case: resampling sil
 from __future__ import annotations
 
 import argparse
-import json
 from concurrent.futures import ProcessPoolExecutor
 from typing import Mapping, Sequence
 
 import pandas as pd
 
 from .metrics import ClassSpec, case_metrics, class_specs
-from ..io.volumes import CaseError, read_label, write_text
+from ..io.label_map import add_label_map_argument
+from ..io.volumes import CaseError, add_tolerance_arguments, read_label, tolerances_from_args, write_text
 
 ORGAN_AVERAGE = "Organ average"
 
@@ -107,24 +107,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--cases", nargs="+", required=True)
     parser.add_argument("--gt", nargs="+", required=True, help="ground-truth label files, in --cases order")
     parser.add_argument("--pred", nargs="+", required=True, help="prediction files, in --cases order")
-    parser.add_argument("--labels", required=True, help="the labels config list as JSON (ids, names, kinds, tolerances)")
+    add_label_map_argument(parser)  # with each class's nsd_tolerance_mm
     parser.add_argument("--z-crop-classes", type=int, nargs="*", default=[],
                         help="classes scored on the ground truth's z-range only (official quirk); none by default")
     parser.add_argument("--nsd-zero-below-dsc", type=optional_float, default=None,
                         help="official quirk: NSD is 0 where DSC is below this ('none' disables)")
-    parser.add_argument("--spacing-tolerance", type=float, default=1e-3)
-    parser.add_argument("--origin-tolerance-mm", type=float, default=1e-2)
-    parser.add_argument("--direction-tolerance", type=float, default=1e-4)
+    add_tolerance_arguments(parser)
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--metrics", required=True, help="output: per-case FLARE table (TSV)")
     parser.add_argument("--summary", required=True, help="output: mean ± std per class (TSV)")
     args = parser.parse_args(argv)
 
-    labels = json.loads(args.labels)
-    tolerances = {"spacing_rtol": args.spacing_tolerance, "origin_atol": args.origin_tolerance_mm,
-                  "direction_atol": args.direction_tolerance}
+    labels = args.label_map
     metrics = evaluate_experiment(args.cases, args.gt, args.pred, labels, args.z_crop_classes,
-                                  args.nsd_zero_below_dsc, tolerances, args.jobs)
+                                  args.nsd_zero_below_dsc, tolerances_from_args(args), args.jobs)
     summary = summary_table(metrics, labels)
     write_tsv(args.metrics, metrics)
     write_tsv(args.summary, summary)

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 from typing import Mapping, Sequence
@@ -27,6 +26,7 @@ from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator, StrMethodFormatter  # noqa: E402
 
+from ..io.label_map import add_label_map_argument  # noqa: E402
 from ..io.volumes import CaseError, atomic_path, read_label, read_volume  # noqa: E402
 
 
@@ -165,13 +165,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     box = commands.add_parser("boxplots", help="per-class DSC box plots per experiment")
     box.add_argument("--experiments", nargs="+", required=True)
     box.add_argument("--metrics", nargs="+", required=True, help="metrics.tsv per experiment")
-    box.add_argument("--labels", required=True, help="labels config list as JSON")
+    add_label_map_argument(box)
     eff = commands.add_parser("efficiency", help="time and peak memory against image size")
     eff.add_argument("--experiments", nargs="+", required=True)
     eff.add_argument("--tables", nargs="+", required=True, help="efficiency.tsv per experiment")
     qual = commands.add_parser("qualitative", help="best / worst case overlays")
     qual.add_argument("--rank-metrics", required=True, help="metrics.tsv of the experiment that ranks the cases")
-    qual.add_argument("--labels", required=True)
+    add_label_map_argument(qual)
     qual.add_argument("--cases", nargs="+", required=True)
     qual.add_argument("--images", nargs="+", required=True, help="in --cases order")
     qual.add_argument("--gt", nargs="+", required=True, help="in --cases order")
@@ -183,11 +183,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     if args.command == "boxplots":
-        figure = dsc_boxplots(_read_tsvs(args.metrics, args.experiments), json.loads(args.labels))
+        figure = dsc_boxplots(_read_tsvs(args.metrics, args.experiments), args.label_map)
     elif args.command == "efficiency":
         figure = efficiency_plot(_read_tsvs(args.tables, args.experiments))
     else:
-        labels = json.loads(args.labels)
+        labels = args.label_map
         images, gts = dict(zip(args.cases, args.images, strict=True)), dict(zip(args.cases, args.gt, strict=True))
         best, worst = best_and_worst(pd.read_csv(args.rank_metrics, sep="\t", dtype={"Name": str}),
                                      [e["name"] for e in labels if e["kind"] == "organ"])

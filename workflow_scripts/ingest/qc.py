@@ -12,41 +12,15 @@ import gzip
 import json
 import sys
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
-from ..io.volumes import CaseError, Geometry, read_label, read_volume, validate_case_id, write_text
-
-
-@dataclass(frozen=True)
-class LabelClass:
-    id: int
-    name: str
-    kind: str  # "organ" or "lesion"
-
-
-@dataclass(frozen=True)
-class Tolerances:
-    """How far label geometry may drift from the image's (float round-off in headers is normal)."""
-
-    spacing_rtol: float = 1e-3
-    origin_atol_mm: float = 1e-2
-    direction_atol: float = 1e-4
-
-
-def parse_label_map(specs: Sequence[str]) -> dict[int, LabelClass]:
-    """Parse ``ID:NAME:KIND`` command-line items (the config's label map, as rules pass it) into classes by id."""
-    classes: dict[int, LabelClass] = {}
-    for spec in specs:
-        parts = spec.split(":")
-        if len(parts) != 3 or not parts[0].isdigit() or parts[2] not in ("organ", "lesion"):
-            raise ValueError(f"label map item {spec!r} is not ID:NAME:organ|lesion")
-        classes[int(parts[0])] = LabelClass(int(parts[0]), parts[1], parts[2])
-    return classes
+from ..io.label_map import add_label_map_argument
+from ..io.volumes import (CaseError, Geometry, add_tolerance_arguments, read_label, read_volume, tolerances_from_args,
+                          validate_case_id, write_text)
 
 
 def geometry_record(geometry: Geometry) -> dict:
@@ -118,15 +92,13 @@ def _check_image(case: str, path: str) -> tuple[dict, Geometry, list[CaseError]]
 
 
 def _check_label(
-    case: str, path: str, image_geometry: Geometry, label_ids: Sequence[int], tolerances: Tolerances
+    case: str, path: str, image_geometry: Geometry, label_ids: Sequence[int], tolerances: Mapping[str, float]
 ) -> tuple[dict, list[CaseError]]:
     """Read the label map (CaseError when unusable) and list its problems against the image and the label map."""
     verify_gzip(path, case)
     array, geometry = read_label(path, case)
     problems = []
-    mismatch = image_geometry.mismatch(
-        geometry, tolerances.spacing_rtol, tolerances.origin_atol_mm, tolerances.direction_atol
-    )
+    mismatch = image_geometry.mismatch(geometry, **tolerances)
     if mismatch:
         problems.append(CaseError(case, path, f"label does not match the image's voxel grid: image {mismatch}"))
     values = present_values(array)
@@ -141,7 +113,7 @@ def _check_label(
 
 
 def check_case(
-    case: str, image: str, label: str | None, label_ids: Sequence[int], tolerances: Tolerances
+    case: str, image: str, label: str | None, label_ids: Sequence[int], tolerances: Mapping[str, float]
 ) -> tuple[dict, list[CaseError]]:
     """QC record of one case and every problem found.
 
@@ -179,9 +151,8 @@ def summarize(records: Sequence[Mapping]) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def _case_command(args: argparse.Namespace) -> int:
-    label_ids = sorted(parse_label_map(args.label_map))
-    tolerances = Tolerances(args.spacing_tolerance, args.origin_tolerance_mm, args.direction_tolerance)
-    record, problems = check_case(args.case, args.image, args.label, label_ids, tolerances)
+    label_ids = sorted(int(entry["id"]) for entry in args.label_map)
+    record, problems = check_case(args.case, args.image, args.label, label_ids, tolerances_from_args(args))
     for err in problems:
         print(f"QC: {err}", file=sys.stderr)
     if problems and args.on_error == "fail":
@@ -214,11 +185,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     case.add_argument("--case", required=True)
     case.add_argument("--image", required=True)
     case.add_argument("--label", help="label file; leave out for an unlabeled case")
-    case.add_argument("--label-map", nargs="+", required=True, metavar="ID:NAME:KIND")
+    add_label_map_argument(case)
     case.add_argument("--on-error", choices=["fail", "skip"], required=True)
-    case.add_argument("--spacing-tolerance", type=float, required=True, help="relative")
-    case.add_argument("--origin-tolerance-mm", type=float, required=True)
-    case.add_argument("--direction-tolerance", type=float, required=True)
+    add_tolerance_arguments(case)
     case.add_argument("--output", required=True)
     case.set_defaults(run=_case_command)
     summary = commands.add_parser("summary", help="collect QC records into accepted.tsv and rejected.tsv")

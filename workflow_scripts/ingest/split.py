@@ -12,7 +12,7 @@ from typing import Collection, Mapping, Sequence
 
 import pandas as pd
 
-from .qc import parse_label_map
+from ..io.label_map import add_label_map_argument, label_classes
 from ..io.volumes import write_text
 
 CATEGORIES = ("strong", "weak", "unlabeled")
@@ -50,7 +50,7 @@ def split_cases(accepted: Sequence[str], classes_by_case: Mapping[str, Collectio
 
 
 def _run(args: argparse.Namespace) -> int:
-    label_map = parse_label_map(args.label_map)
+    label_map = label_classes(args.label_map)
     unknown = sorted(set(args.strong_requires) - set(label_map))
     if unknown:
         raise SplitError(f"split.strong_requires names classes {unknown} that are not in the label map")
@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--accepted", required=True, help="accepted.tsv of QC (column case)")
     parser.add_argument("--label-stats", required=True, help="label_stats.tsv (columns case, class_id, voxels)")
     parser.add_argument("--strong-requires", nargs="+", type=int, required=True)
-    parser.add_argument("--label-map", nargs="+", required=True, metavar="ID:NAME:KIND")
+    add_label_map_argument(parser)
     parser.add_argument("--output", required=True)
     args = parser.parse_args(argv)
     try:

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from .qc import LabelClass, parse_label_map
+from ..io.label_map import LabelClass, add_label_map_argument, label_classes
 from ..io.volumes import CaseError, atomic_path, foreground_box, read_label, write_text
 
 if TYPE_CHECKING:
@@ -161,14 +161,14 @@ def write_table(path: str | Path, table: pd.DataFrame) -> None:
 
 def _case_command(args: argparse.Namespace) -> int:
     require_qc_ok(args.case, args.qc)
-    table = case_statistics(args.case, args.label, parse_label_map(args.label_map), args.connectivity)
+    table = case_statistics(args.case, args.label, label_classes(args.label_map), args.connectivity)
     write_table(args.output, table)
     print(f"{args.case}: {len(table)} class(es) present: {', '.join(map(str, table['name']))}")
     return 0
 
 
 def _aggregate_command(args: argparse.Namespace) -> int:
-    classes = parse_label_map(args.label_map)
+    classes = label_classes(args.label_map)
     # keep_default_na=False: a class may be named like a missing-value marker ("NA")
     tables = {Path(path).name.removesuffix(".tsv"): pd.read_csv(path, sep="\t", keep_default_na=False)
               for path in args.tables}
@@ -189,12 +189,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     case.add_argument("--case", required=True)
     case.add_argument("--label", required=True)
     case.add_argument("--qc", required=True, help="the case's QC record; it must say ok")
-    case.add_argument("--label-map", nargs="+", required=True, metavar="ID:NAME:KIND")
+    add_label_map_argument(case)
     case.add_argument("--connectivity", type=int, choices=[6, 18, 26], required=True)
     case.add_argument("--output", required=True)
     case.set_defaults(run=_case_command)
     agg = commands.add_parser("aggregate", help="combine per-case tables into tables and figures")
-    agg.add_argument("--label-map", nargs="+", required=True, metavar="ID:NAME:KIND")
+    add_label_map_argument(agg)
     agg.add_argument("--table", required=True)
     agg.add_argument("--summary", required=True)
     agg.add_argument("--counts-png", required=True)

@@ -6,6 +6,7 @@ half-written file where Snakemake expects a finished one.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import re
@@ -88,6 +89,25 @@ class Geometry:
         if not np.allclose(self.direction, other.direction, rtol=0, atol=direction_atol):
             return f"direction {self.direction} != {other.direction}"
         return None
+
+
+# Geometry.mismatch keyword -> command-line flag (config keys qc.spacing_tolerance, qc.origin_tolerance_mm,
+# qc.direction_tolerance); a flag left out keeps Geometry.mismatch's default, equal to the config schema's.
+TOLERANCE_FLAGS = {"spacing_rtol": "--spacing-tolerance", "origin_atol": "--origin-tolerance-mm",
+                   "direction_atol": "--direction-tolerance"}
+
+
+def add_tolerance_arguments(parser: argparse.ArgumentParser) -> None:
+    """The geometry tolerance flags of every CLI that compares two volumes' grids."""
+    parser.add_argument("--spacing-tolerance", type=float, help="qc.spacing_tolerance (relative)")
+    parser.add_argument("--origin-tolerance-mm", type=float, help="qc.origin_tolerance_mm")
+    parser.add_argument("--direction-tolerance", type=float, help="qc.direction_tolerance (absolute)")
+
+
+def tolerances_from_args(args: argparse.Namespace) -> dict[str, float]:
+    """:meth:`Geometry.mismatch` keywords from the flags given."""
+    values = {key: getattr(args, flag.removeprefix("--").replace("-", "_")) for key, flag in TOLERANCE_FLAGS.items()}
+    return {key: value for key, value in values.items() if value is not None}
 
 
 def foreground_box(label: np.ndarray) -> tuple[slice, slice, slice] | None:

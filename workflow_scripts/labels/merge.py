@@ -14,7 +14,6 @@ Strong cases pass through unchanged, unlabeled cases (an all-background "weak la
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from dataclasses import dataclass
@@ -24,21 +23,14 @@ from typing import Collection, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from ..io.volumes import CaseError, Geometry, read_label, write_text, write_volume
+from ..io.label_map import add_label_map_argument, ignore_label
+from ..io.volumes import (CaseError, Geometry, add_tolerance_arguments, read_label, tolerances_from_args, write_text,
+                          write_volume)
 
 LOW_CONFIDENCE_AS = ("background", "ignore")
 # columns of the per-case table written by case_table (the summary checks its inputs against them)
 TABLE_COLUMNS = ("class_id", "name", "annotated", "pseudo_voxels", "filled_voxels", "filled_ml",
                  "low_confidence_voxels", "ignored_voxels")
-
-
-def ignore_label(labels_config: Sequence[Mapping]) -> int:
-    """The nnU-Net ignore label: one above the highest label id (15 for FLARE23's ids 1-14).
-
-    nnU-Net v2 requires the ignore label to be the highest value in the label map, so it cannot collide with a
-    class and the student stages can derive it from the same label map.
-    """
-    return max(int(entry["id"]) for entry in labels_config) + 1
 
 
 def merged_dtype(ignore: int) -> type[np.unsignedinteger]:
@@ -96,7 +88,7 @@ class MergeSettings:
     fill_classes: tuple[int, ...]  # classes the teacher predicts: the only ones that can be filled
     min_confidence: float  # pseudo voxels with confidence / 255 below this are not filled
     low_confidence_as: str  # what those voxels become: "background" or "ignore"
-    ignore: int  # the ignore label id, see :func:`ignore_label`
+    ignore: int  # the ignore label id, see :func:`workflow_scripts.io.label_map.ignore_label`
 
     def __post_init__(self) -> None:
         if self.low_confidence_as not in LOW_CONFIDENCE_AS:
@@ -296,15 +288,13 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     case.add_argument("--weak", help="the raw label; omitted for an unlabeled case")
     case.add_argument("--pseudo", help="the teacher's pseudo-label; omitted for a strong case")
     case.add_argument("--confidence", help="the pseudo-label's confidence map (uint8, value / 255)")
-    case.add_argument("--labels", required=True, help="the label map as JSON (config key labels)")
+    add_label_map_argument(case)
     case.add_argument("--fill-classes", type=int, nargs="+", required=True, help="teacher.classes")
     case.add_argument("--min-confidence", type=float, default=0.0)
     case.add_argument("--low-confidence-as", choices=LOW_CONFIDENCE_AS, default="background")
-    case.add_argument("--spacing-tolerance", type=float, help="qc.spacing_tolerance (relative)")
-    case.add_argument("--origin-tolerance-mm", type=float, help="qc.origin_tolerance_mm")
-    case.add_argument("--direction-tolerance", type=float, help="qc.direction_tolerance")
-    case.add_argument("--out-label", required=True)
-    case.add_argument("--out-table", required=True)
+    add_tolerance_arguments(case)
+    case.add_argument("--output-label", required=True)
+    case.add_argument("--output-table", required=True)
     summary = sub.add_parser("summary", help="collect per-case merge tables into one")
     summary.add_argument("--split", required=True, help="split/split.tsv (case, category)")
     summary.add_argument("--tables", nargs="+", required=True, help="merged/{case}.tsv files")
@@ -320,17 +310,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_text(args.output, summary_table(tables, categories).to_csv(sep="\t", index=False))
         print(f"summary of {len(tables)} merged cases -> {args.output}")
         return 0
-    labels = json.loads(args.labels)
+    labels = args.label_map
     settings = settings_from_config(labels, args.fill_classes, args.min_confidence, args.low_confidence_as)
-    # tolerances not given keep Geometry.mismatch's defaults (equal to the qc section's defaults)
-    tolerances = {key: value for key, value in [("spacing_rtol", args.spacing_tolerance),
-                                                ("origin_atol", args.origin_tolerance_mm),
-                                                ("direction_atol", args.direction_tolerance)] if value is not None}
-    result = merge_case(args.case, args.weak, args.pseudo, args.confidence, settings, labels, args.out_label,
-                        args.out_table, tolerances)
+    result = merge_case(args.case, args.weak, args.pseudo, args.confidence, settings, labels, args.output_label,
+                        args.output_table, tolerances_from_args(args))
     filled = {int(c): int(n) for c, n in enumerate(result.filled) if n}
     print(f"case {args.case}: annotated {np.flatnonzero(result.annotated).tolist()}, filled {filled}, "
-          f"ignored {int(result.ignored.sum())} voxels -> {args.out_label}")
+          f"ignored {int(result.ignored.sum())} voxels -> {args.output_label}")
     return 0
 
 

@@ -28,6 +28,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from .postprocess import ComponentRule, clean_components, rules_from_config
+from ..evaluation.efficiency import write_efficiency_table
 from ..io.volumes import CaseError, Geometry, write_volume
 
 CONFIDENCE_SUFFIX = "_confidence"
@@ -100,9 +101,9 @@ def predict_pseudo_shard(args: argparse.Namespace) -> None:
     # torch and nnU-Net load here, not at import: Snakemake imports this module while parsing the rule files
     from ..nnunet.predict import ensemble_from_args, predict_shard
 
-    rules = rules_from_config(json.loads(args.postprocess), json.loads(args.labels))
+    rules = rules_from_config(json.loads(args.postprocess), args.label_map)
     ensemble = ensemble_from_args(args)
-    out = Path(args.out)
+    out = Path(args.output)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.mkdir(parents=True, exist_ok=True)
 
@@ -113,7 +114,7 @@ def predict_pseudo_shard(args: argparse.Namespace) -> None:
         table = predict_shard(ensemble, args.cases, args.images, write, with_confidence=True)
     except CaseError as err:
         sys.exit(f"error: {err}")
-    table.to_csv(tmp / "efficiency.tsv", sep="\t", index=False, float_format="%.4f")
+    write_efficiency_table(tmp / "efficiency.tsv", table)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
@@ -125,7 +126,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m workflow_scripts.labels.pseudo",
                                      description="Pseudo-label a shard of cases with one model load.")
     add_model_arguments(parser)
-    parser.add_argument("--out", required=True, help="shard folder to create")
+    parser.add_argument("--output", required=True, help="shard folder to create")
     args = parser.parse_args(argv)
     if len(args.cases) != len(args.images):
         parser.error("--cases and --images need the same number of entries")

@@ -16,23 +16,17 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 
+from ..io.label_map import add_label_map_argument, label_names
+from ..io.manifest import TrainingCase
 from ..io.volumes import CaseError, read_label, validate_case_id, write_text, write_volume
 
 LABEL_IDS_KEY = "workflow_label_ids"
 CHANNEL_NAME = "CT"  # selects nnU-Net's CT normalisation (global foreground percentiles)
-
-
-@dataclass(frozen=True)
-class TrainingCase:
-    case: str
-    image: str
-    label: str
 
 
 def dataset_name(dataset_id: int, name: str) -> str:
@@ -145,8 +139,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--images", nargs="+", required=True, help="image files, in the order of --cases")
     parser.add_argument("--labels", nargs="+", required=True, help="label files, in the order of --cases")
     parser.add_argument("--classes", type=int, nargs="+", required=True, help="label ids the model learns")
-    parser.add_argument("--label-map", required=True, help="the label map as JSON (config key labels)")
-    parser.add_argument("--out", required=True, help="dataset folder, e.g. .../raw/Dataset901_Teacher")
+    add_label_map_argument(parser)
+    parser.add_argument("--output", required=True, help="dataset folder, e.g. .../raw/Dataset901_Teacher")
     return parser.parse_args(argv)
 
 
@@ -155,9 +149,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not len(args.cases) == len(args.images) == len(args.labels):
         raise SystemExit("--cases, --images and --labels must have the same length")
     cases = [TrainingCase(*fields) for fields in zip(args.cases, args.images, args.labels)]
-    names = {entry["id"]: entry["name"] for entry in json.loads(args.label_map)}
-    dataset = build_dataset(cases, args.out, args.classes, names)
-    print(f"{args.out}: {dataset['numTraining']} cases, labels {dataset['labels']}, "
+    dataset = build_dataset(cases, args.output, args.classes, label_names(args.label_map))
+    print(f"{args.output}: {dataset['numTraining']} cases, labels {dataset['labels']}, "
           f"{dataset['labels_rewritten']} label files rewritten (the rest are symlinks)")
 
 

@@ -32,13 +32,13 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from ..evaluation.efficiency import ResourceSampler
+from ..evaluation.efficiency import measure_cases, write_efficiency_table
+from ..io.label_map import add_label_map_argument
 from .dataset import label_ids_of
 from .ext import ALL_MIRRORINGS_3D, configure_environment
 from ..labels.postprocess import clean_components, rules_from_config
-from ..io.volumes import CaseError, Geometry, atomic_path, read_volume, write_volume
+from ..io.volumes import CaseError, Geometry, read_volume, write_volume
 
-EFFICIENCY_COLUMNS = ["Name", "Time", "MaxGPU_Mem", "AUC_GPU_Time", "ImageSize", "MemoryKind"]
 # writer(case, labels in workflow ids, confidence in [0, 1] or None, geometry of the input image)
 Writer = Callable[[str, np.ndarray, "np.ndarray | None", Geometry], None]
 
@@ -203,21 +203,17 @@ def predict_volume(ensemble: Ensemble, volume: np.ndarray, spacing_zyx: Sequence
 def predict_shard(ensemble: Ensemble, cases: Sequence[str], images: Sequence[str], write: Writer,
                   with_confidence: bool = False, sample_interval_s: float = 0.1) -> pd.DataFrame:
     """Predict every case of a shard with the loaded models; one efficiency row per case (read -> write time,
-    peak and area of GPU memory, or of resident memory on CPU, see :class:`ResourceSampler`)."""
+    peak and area of GPU memory, or of resident memory on CPU, see :func:`~workflow_scripts.evaluation.efficiency.measure_cases`)."""
     if len(cases) != len(images):
         raise ValueError(f"{len(cases)} cases but {len(images)} images")
-    rows = []
-    for case, image in zip(cases, images):
-        with ResourceSampler(ensemble.device.type, sample_interval_s) as sampler:
-            volume, geometry = read_volume(image, case)
-            labels, confidence = predict_volume(ensemble, volume, geometry.spacing_zyx, with_confidence)
-            write(case, labels, confidence, geometry)
-        usage = sampler.usage
-        size = "x".join(str(n) for n in geometry.size)
-        rows.append([case, usage.time_s, usage.peak_mem_mb, usage.auc_mem_mb_s, size, usage.memory_kind])
-        print(f"{case}: {size} in {usage.time_s:.2f}s, peak {usage.memory_kind} {usage.peak_mem_mb:.0f} MB",
-              flush=True)
-    return pd.DataFrame(rows, columns=EFFICIENCY_COLUMNS)
+
+    def run_case(index: int) -> str:
+        volume, geometry = read_volume(images[index], cases[index])
+        labels, confidence = predict_volume(ensemble, volume, geometry.spacing_zyx, with_confidence)
+        write(cases[index], labels, confidence, geometry)
+        return "x".join(str(n) for n in geometry.size)
+
+    return measure_cases(cases, run_case, ensemble.device.type, sample_interval_s)
 
 
 def cleaned_label_writer(outputs: Mapping[str, str], postprocess: Mapping, labels: Sequence[Mapping]) -> Writer:
@@ -242,7 +238,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cases", nargs="+", required=True)
     parser.add_argument("--images", nargs="+", required=True, help="one image per case, same order")
-    parser.add_argument("--labels", required=True, help="the label map (config 'labels') as JSON")
+    add_label_map_argument(parser)
     parser.add_argument("--postprocess", required=True, help="the 'postprocess' config section as JSON")
 
 
@@ -266,13 +262,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("--cases, --images and --outputs need the same number of entries")
     ensemble = ensemble_from_args(args)
     write = cleaned_label_writer(dict(zip(args.cases, args.outputs)), json.loads(args.postprocess),
-                                 json.loads(args.labels))
+                                 args.label_map)
     try:
         table = predict_shard(ensemble, args.cases, args.images, write, sample_interval_s=args.interval)
     except CaseError as err:
         sys.exit(f"error: {err}")
-    with atomic_path(args.efficiency) as tmp:
-        table.to_csv(tmp, sep="\t", index=False, float_format="%.4f")
+    write_efficiency_table(args.efficiency, table)
 
 
 if __name__ == "__main__":

@@ -24,10 +24,10 @@ import sys
 from pathlib import Path
 from typing import Mapping, Sequence
 
-import pandas as pd
-
-from ..labels.merge import ignore_label
-from .dataset import TrainingCase, build_dataset, dataset_name
+from ..io.label_map import add_label_map_argument, ignore_label
+from ..io.manifest import TrainingCase, read_manifest
+from ..io.volumes import CaseError, write_text
+from .dataset import build_dataset, dataset_name
 from .training import (
     add_nnunet_arguments,
     add_plans_arguments,
@@ -40,9 +40,7 @@ from .training import (
     train,
     trainer_settings,
 )
-from ..io.volumes import CaseError, write_text
 
-MANIFEST_COLUMNS = ("case", "image", "label")
 IGNORE_NAME = "ignore"  # the label name nnU-Net v2 treats as "not annotated" (it must have the highest id)
 
 
@@ -102,22 +100,6 @@ def uses_ignore_label(label_source: str, low_confidence_as: str) -> bool:
     return label_source == "merged" and low_confidence_as == "ignore"
 
 
-def write_manifest(path: str | Path, cases: Sequence[str], images: Sequence[str], labels: Sequence[str]) -> None:
-    """The training cases as a table (case, image, label): thousands of paths do not fit one shell command."""
-    if not len(cases) == len(images) == len(labels):
-        raise ValueError(f"{len(cases)} cases, {len(images)} images and {len(labels)} labels: lengths differ")
-    table = pd.DataFrame({"case": list(cases), "image": list(images), "label": list(labels)})
-    write_text(path, table.to_csv(sep="\t", index=False))
-
-
-def read_manifest(path: str | Path) -> list[TrainingCase]:
-    table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
-    missing = set(MANIFEST_COLUMNS) - set(table.columns)
-    if missing:
-        raise ValueError(f"{path}: manifest lacks columns {sorted(missing)}")
-    return [TrainingCase(row.case, row.image, row.label) for row in table.itertuples(index=False)]
-
-
 def build_student_dataset(cases: Sequence[TrainingCase], root: str | Path, labels_config: Sequence[Mapping],
                           with_ignore: bool) -> dict:
     """The nnU-Net raw dataset of a student experiment (see :func:`dataset_classes`); returns dataset.json.
@@ -169,7 +151,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
     ds = sub.add_parser("dataset", help="build the nnU-Net raw dataset from a training manifest")
     ds.add_argument("--manifest", required=True, help="TSV with columns case, image, label")
-    ds.add_argument("--labels", required=True, help="the label map as JSON (config key labels)")
+    add_label_map_argument(ds)
     ds.add_argument("--ignore", action="store_true", help="declare the ignore label (highest id + 1)")
     ds.add_argument("--output", required=True, help="dataset folder, e.g. .../raw/Dataset902_two_stage_nn")
 
@@ -192,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = _parse_args(argv)
     if args.command == "dataset":
         try:
-            dataset = build_student_dataset(read_manifest(args.manifest), args.output, json.loads(args.labels),
+            dataset = build_student_dataset(read_manifest(args.manifest), args.output, args.label_map,
                                             args.ignore)
         except (CaseError, ValueError) as err:  # a bad label or manifest: one clear line naming case and file
             sys.exit(f"error: {err}")

@@ -13,6 +13,7 @@ from typing import Mapping, Sequence
 
 import pandas as pd
 
+from ..io.label_map import add_label_map_argument, label_names
 from ..io.volumes import write_text
 from .dataset import label_ids_of
 from .training import (
@@ -68,7 +69,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     val = sub.add_parser("validation", help="per-class validation Dice table")
     val.add_argument("--summary", required=True, help="nnU-Net's validation/summary.json")
     val.add_argument("--dataset-json", required=True)
-    val.add_argument("--label-map", required=True, help="the label map as JSON (config key labels)")
+    add_label_map_argument(val)
     val.add_argument("--fold", required=True)
     val.add_argument("--output", required=True)
     return parser.parse_args(argv)
@@ -90,9 +91,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                            args.threads)
         check_expected(checkpoint, args.expect)
     else:
-        names = {entry["id"]: entry["name"] for entry in json.loads(args.label_map)}
         table = validation_table(json.loads(Path(args.summary).read_text()),
-                                 json.loads(Path(args.dataset_json).read_text()), names, args.fold)
+                                 json.loads(Path(args.dataset_json).read_text()), label_names(args.label_map), args.fold)
         write_text(args.output, table.to_csv(sep="\t", index=False))
         print(table.to_string(index=False))
     sys.stdout.flush()
