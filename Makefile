@@ -8,10 +8,13 @@ export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: setup run test test-fast lint format lock report clean
 
-$(VENV)/.installed: requirements.lock
+# The pinned lock first, then the project itself (editable, no dependencies: the lock has them all; no build
+# isolation: the venv's own setuptools builds it, so nothing beyond the lock is downloaded).
+$(VENV)/.installed: requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet --requirement requirements.lock
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation --editable .
 	touch $@
 
 setup: $(VENV)/.installed

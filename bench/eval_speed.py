@@ -1,7 +1,7 @@
 """Benchmark: the workflow's FLARE DSC/NSD against a straightforward full-volume implementation of the same method.
 
 Builds a synthetic FLARE-sized case (default 300 x 512 x 512 voxels, z y x, 13 organs + lesions as ellipsoids) and a
-perturbed "prediction", then scores every class twice: with ``workflow_scripts.metrics.case_metrics`` (one read,
+perturbed "prediction", then scores every class twice: with ``workflow_scripts.evaluation.metrics.case_metrics`` (one read,
 per-class union-box crops) and with the textbook version (full-volume masks per class, SciPy correlate for the
 neighbour codes, full-volume EDTs, DeepMind's own surfel-area table). Prints both times (wall and CPU), the
 speed-up ratios (goal >= 10) and the largest absolute difference of any DSC/NSD (goal <= 1e-6).
@@ -23,7 +23,7 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from workflow_scripts.metrics import CORNER_WEIGHTS, FULL_CODE, ClassSpec, case_metrics  # noqa: E402
+from workflow_scripts.evaluation.metrics import CORNER_WEIGHTS, FULL_CODE, ClassSpec, case_metrics  # noqa: E402
 
 FLARE23_TOLERANCES_MM = {1: 5, 2: 3, 3: 3, 4: 5, 5: 2, 6: 2, 7: 2, 8: 2, 9: 2, 10: 3, 11: 5, 12: 7, 13: 3, 14: 2}
 # Approximate organ radii as fractions of the volume extent (z, y, x): liver large, adrenals small, and so on.

@@ -37,12 +37,12 @@ from snakemake.utils import validate
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from workflow_scripts import teacher  # noqa: E402
-from workflow_scripts.demo_dataset import DemoParams, flare_ids, generate_case  # noqa: E402
-from workflow_scripts.nnunet_dataset import TrainingCase, build_dataset, dataset_name  # noqa: E402
-from workflow_scripts.nnunet_ext import configure_environment  # noqa: E402
-from workflow_scripts.postprocess import rules_from_config  # noqa: E402
-from workflow_scripts.volume_io import write_volume  # noqa: E402
+from workflow_scripts.nnunet import training  # noqa: E402
+from workflow_scripts.demo.dataset import DemoParams, flare_ids, generate_case  # noqa: E402
+from workflow_scripts.nnunet.dataset import TrainingCase, build_dataset, dataset_name  # noqa: E402
+from workflow_scripts.nnunet.ext import configure_environment  # noqa: E402
+from workflow_scripts.labels.postprocess import rules_from_config  # noqa: E402
+from workflow_scripts.io.volumes import write_volume  # noqa: E402
 
 DATASET_ID = 986
 
@@ -78,7 +78,7 @@ def write_cases(config: dict, shape_xyz: list[int] | None, n_cases: int, folder:
 def trained_teacher(config: dict, root: Path, args: argparse.Namespace) -> Path:
     """The model folder of a teacher trained with the demo's tiny plans (reused when already trained)."""
     t = config["teacher"]
-    model = teacher.model_folder(root, dataset_name(DATASET_ID, "Teacher"), t["planner"], t["configuration"])
+    model = training.model_folder(root, dataset_name(DATASET_ID, "Teacher"), t["planner"], t["configuration"])
     if (model / "fold_all" / "checkpoint_final.pth").is_file():
         print(f"reusing the teacher in {model}", flush=True)
         return model
@@ -86,14 +86,14 @@ def trained_teacher(config: dict, root: Path, args: argparse.Namespace) -> Path:
     cases = write_cases(config, None, args.train_cases, root / "train", "train")
     names = {entry["id"]: entry["name"] for entry in config["labels"]}
     build_dataset(cases, root / "raw" / dataset_name(DATASET_ID, "Teacher"), t["classes"], names)
-    base = teacher.plan_and_preprocess(root, DATASET_ID, t["planner"], t["configuration"], args.threads)
+    base = training.plan_and_preprocess(root, DATASET_ID, t["planner"], t["configuration"], args.threads)
     settings = {"num_epochs": args.epochs, "num_iterations_per_epoch": args.iterations,
                 "num_val_iterations_per_epoch": 1, "save_every": args.epochs}
-    plans = teacher.configure_plans(json.loads(base.read_text()), t["planner"], t["configuration"], settings,
+    plans = training.configure_plans(json.loads(base.read_text()), t["planner"], t["configuration"], settings,
                                     t["batch_size"], t["patch_size"], t["features_per_stage"])
-    (base.parent / f"{teacher.custom_plans_identifier(t['planner'])}.json").write_text(json.dumps(plans))
+    (base.parent / f"{training.custom_plans_identifier(t['planner'])}.json").write_text(json.dumps(plans))
     start = time.perf_counter()
-    teacher.train(root, DATASET_ID, t["planner"], t["configuration"], "all", args.device, args.threads)
+    training.train(root, DATASET_ID, t["planner"], t["configuration"], "all", args.device, args.threads)
     print(f"teacher trained in {time.perf_counter() - start:.0f} s ({args.epochs} x {args.iterations} iterations)",
           flush=True)
     return model
@@ -102,8 +102,8 @@ def trained_teacher(config: dict, root: Path, args: argparse.Namespace) -> Path:
 def run_ours(config: dict, model: Path, cases: list[TrainingCase], out: Path, args: argparse.Namespace,
              ) -> tuple[float, dict[str, np.ndarray]]:
     """Wall time of our pseudo-labelling for all cases, and its argmax before cleanup per case."""
-    from workflow_scripts.nnunet_predict import load_ensemble, predict_shard
-    from workflow_scripts.pseudo_labels import write_pseudo_label
+    from workflow_scripts.nnunet.predict import load_ensemble, predict_shard
+    from workflow_scripts.labels.pseudo import write_pseudo_label
 
     ensemble = load_ensemble([model], "all", args.device, tta=True, threads=args.threads)
     rules = rules_from_config(config["postprocess"], config["labels"])

@@ -21,8 +21,8 @@ import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from workflow_scripts.qc import parse_label_map  # noqa: E402
-from workflow_scripts.stats import case_statistics, write_table  # noqa: E402
+from workflow_scripts.ingest.qc import parse_label_map  # noqa: E402
+from workflow_scripts.ingest.stats import case_statistics, write_table  # noqa: E402
 
 GOAL = 0.7
 LABEL_MAP = parse_label_map([f"{i}:class{i}:organ" for i in range(1, 14)] + ["14:Lesion:lesion"])

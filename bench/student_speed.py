@@ -34,12 +34,12 @@ from snakemake.utils import validate
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from workflow_scripts.c2f_model import StudentSpec, save_model  # noqa: E402
-from workflow_scripts.c2f_predict import Student, predict_case  # noqa: E402
-from workflow_scripts.demo_dataset import DemoParams, flare_ids, generate_case  # noqa: E402
-from workflow_scripts.efficiency import ResourceSampler, Usage  # noqa: E402
-from workflow_scripts.postprocess import rules_from_config  # noqa: E402
-from workflow_scripts.volume_io import write_volume  # noqa: E402
+from workflow_scripts.c2f.model import StudentSpec, save_model  # noqa: E402
+from workflow_scripts.c2f.predict import Student, predict_case  # noqa: E402
+from workflow_scripts.demo.dataset import DemoParams, flare_ids, generate_case  # noqa: E402
+from workflow_scripts.evaluation.efficiency import ResourceSampler, Usage  # noqa: E402
+from workflow_scripts.labels.postprocess import rules_from_config  # noqa: E402
+from workflow_scripts.io.volumes import write_volume  # noqa: E402
 
 DATASET_ID = 987
 DATASET = f"Dataset{DATASET_ID}_StudentSpeed"

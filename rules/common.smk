@@ -1,42 +1,46 @@
 """Helpers shared by all stages (config derived values, case discovery, artifact paths)."""
 
 import functools
+import json
 import os
 import shlex
 import sys
+import typing
 
 import pandas as pd
 from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
-sys.path.insert(0, workflow.basedir)
-
-from workflow_scripts.demo_plan import plan as demo_plan, truth_path
-from workflow_scripts.layout import demo_layout, discover_cases
-from workflow_scripts.pseudo_labels import shard_cases
-from workflow_scripts.volume_io import CASE_ID_PATTERN
+from workflow_scripts.demo.plan import plan as demo_plan, truth_path
+from workflow_scripts.io.layout import demo_layout, discover_cases
+from workflow_scripts.io.volumes import CASE_ID_PATTERN
+from workflow_scripts.labels.pseudo import shard_cases
+from workflow_scripts.nnunet.dataset import dataset_name
+from workflow_scripts.nnunet.training import fold_name, model_folder
 
 # Wildcard constraint of case ids (and of pseudo shards, named after their first case).
 CASE_ID = CASE_ID_PATTERN.pattern.removeprefix("^").removesuffix("$")
 
 RESULTS = config["results"]
 LABELS = {entry["id"]: entry for entry in config["labels"]}
-ORGANS = [i for i, entry in LABELS.items() if entry["kind"] == "organ"]
-LESIONS = [i for i, entry in LABELS.items() if entry["kind"] == "lesion"]
-# Every script runs as `python -m workflow_scripts.<module>`: the workflow folder goes on PYTHONPATH so rules work
-# from any working directory, and without --use-conda `python` is the interpreter running Snakemake (the project
-# venv, also inside cluster jobs, which inherit this environment); with --use-conda it is the rule environment's.
-os.environ.update(
-    PYTHONPATH=os.pathsep.join(
-        p for p in (workflow.basedir, os.environ.get("PYTHONPATH")) if p
-    )
+# The label map as every stage CLI takes it: --label-map '<JSON of config labels>'.
+LABEL_MAP = json.dumps(config["labels"])
+# The connected-component cleanup of every prediction (workflow_scripts.labels.postprocess), as JSON.
+POSTPROCESS = json.dumps(config["postprocess"])
+# The QC stage's geometry tolerances, also for the merge (pseudo vs weak label) and evaluation (prediction vs truth).
+GEOMETRY_TOLERANCE_ARGS = (
+    f"--spacing-tolerance {config['qc']['spacing_tolerance']}"
+    f" --origin-tolerance-mm {config['qc']['origin_tolerance_mm']}"
+    f" --direction-tolerance {config['qc']['direction_tolerance']}"
 )
-if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
-    os.environ.update(
-        PATH=os.pathsep.join(
-            [os.path.dirname(sys.executable), os.environ.get("PATH", "")]
-        )
-    )
-PY = "python -m workflow_scripts"
+# Every script runs as `python -m workflow_scripts.<stage>.<module>`. The package is installed into the project
+# venv (pyproject.toml, `make setup`), so nothing is added to PATH or PYTHONPATH: the interpreter is the one running
+# Snakemake (the project venv, also inside cluster jobs, which run Snakemake with it). With --use-conda it is the rule
+# environment's `python`; those environments hold the pinned dependencies only, so the command names the package's
+# folder for that one process.
+if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method:
+    PY = f"PYTHONPATH={shlex.quote(workflow.basedir)} python -m workflow_scripts"
+else:
+    PY = f"{shlex.quote(sys.executable)} -m workflow_scripts"
 
 
 def res(*parts):
@@ -189,6 +193,14 @@ def prediction_files(experiment):
     ]
 
 
+def box_tables(experiment):
+    """Per-shard tables of the c2f student's fine-stage boxes, written next to its predictions."""
+    return [
+        os.path.join(prediction_dir(experiment), "boxes", f"{shard}.tsv")
+        for shard in test_shards(shard_size_of(experiment))
+    ]
+
+
 def efficiency_tables(experiment):
     """Per-shard efficiency tables written next to the predictions (columns: Name, Time, MaxGPU_Mem,
     AUC_GPU_Time, ImageSize, MemoryKind)."""
@@ -196,10 +208,6 @@ def efficiency_tables(experiment):
         os.path.join(prediction_dir(experiment), "efficiency", f"{shard}.tsv")
         for shard in test_shards(shard_size_of(experiment))
     ]
-
-
-# The label map as the stage CLIs take it (--label-map ID:NAME:KIND ...).
-LABEL_MAP_ARG = " ".join(f"{i}:{e['name']}:{e['kind']}" for i, e in LABELS.items())
 
 
 # Pseudo-labels (rules/pseudo.smk).
@@ -222,6 +230,11 @@ def _pseudo_shards(version):
             shard_cases(cases_by_category(category), config["pseudo"]["shard_size"])
         )
     return shards
+
+
+def pseudo_labelled_cases():
+    """Cases that get a pseudo-label (weak, and unlabeled with pseudo.include_unlabeled)."""
+    return [case for cases in pseudo_shards().values() for case in cases]
 
 
 # Merged labels (rules/merge.smk), also what the student stages train on.
@@ -251,3 +264,107 @@ def runtime_by_attempt(minutes):
     """Runtime in minutes that grows with each retry: a training killed at its time limit resumes from its
     checkpoint with more time, instead of being killed at the same point again."""
     return lambda wildcards, attempt: minutes * attempt
+
+
+# Test-set predictions, one rule per shard of test cases (teacher_predict_<shard>, student_predict_<shard>,
+# student_nnunet_predict_<shard>): the model is loaded once per shard and every case still gets its own file. Shards
+# are fixed when the workflow is parsed, so each is a rule of its own; this gives each one its name and files.
+class PredictionShard(typing.NamedTuple):
+    name: str  # the rule name
+    cases: str  # the shard's case ids, space-separated for the CLI
+    images: list
+    predictions: list
+    efficiency: str
+    boxes: str  # the c2f student's per-case fine-stage boxes (workflow_scripts.c2f.predict)
+    log: str
+    benchmark: str
+
+
+def prediction_shards(rule_prefix, pred_dir, shard_size, wildcards_prefix=""):
+    """The prediction shards of one predictor writing into ``pred_dir`` (which may hold an {experiment} wildcard,
+    then given again as ``wildcards_prefix`` of the log and benchmark names)."""
+    for shard, cases in test_shards(shard_size).items():
+        yield PredictionShard(
+            name=f"{rule_prefix}_{shard}",
+            cases=" ".join(cases),
+            images=[TEST[case]["image"] for case in cases],
+            predictions=[os.path.join(pred_dir, f"{case}.nii.gz") for case in cases],
+            efficiency=os.path.join(pred_dir, "efficiency", f"{shard}.tsv"),
+            boxes=os.path.join(pred_dir, "boxes", f"{shard}.tsv"),
+            log=log_path(rule_prefix, f"{wildcards_prefix}{shard}"),
+            benchmark=bench_path(rule_prefix, f"{wildcards_prefix}{shard}"),
+        )
+
+
+# The coarse-to-fine student experiments (rules/student.smk trains them, rules/learning.smk measures them):
+# experiment -> label source ("merged" / "raw").
+C2F_LABELS = {
+    name: experiment["labels"]
+    for name, experiment in config["student"]["experiments"].items()
+    if experiment.get("model", "c2f") == "c2f"
+}
+C2F_EXPERIMENTS = list(C2F_LABELS)
+# restricts the c2f rules' {experiment} wildcard so they never compete with the nnU-Net student's rules
+C2F_PATTERN = "|".join(C2F_EXPERIMENTS) or "(?!)"
+
+
+# Student training sets (rules/student.smk, rules/student_nnunet.smk): the strong and weak cases with the label of
+# the experiment's source, written to a manifest table by workflow_scripts.io.manifest.
+def student_label_source(experiment):
+    return config["student"]["experiments"][experiment]["labels"]
+
+
+def student_training_cases():
+    return cases_by_category("strong", "weak")
+
+
+def student_training_images(wildcards):
+    return [TRAIN[case]["image"] for case in student_training_cases()]
+
+
+def student_training_labels(wildcards):
+    source = student_label_source(wildcards.experiment)
+    return [training_label(case, source) for case in student_training_cases()]
+
+
+def nnunet_plans_args(section):
+    """Command-line flags of an nnU-Net plans configuration (workflow_scripts.nnunet.training): the patch size and
+    features per stage when the config section sets them, the training schedule and the optimisation settings.
+    """
+    overrides = [
+        f"--{key.replace('_', '-')} {' '.join(str(v) for v in section[key])}"
+        for key in ("patch_size", "features_per_stage")
+        if section[key] is not None
+    ]
+    schedule = [
+        f"--epochs {section['epochs']}",
+        f"--iterations-per-epoch {section['iterations_per_epoch']}",
+        f"--val-iterations {section['val_iterations']}",
+        f"--checkpoint-every {section['checkpoint_every']}",
+        f"--optimizer {section['optimizer']} --initial-lr {section['initial_lr']}",
+        f"--oversample-foreground {section['oversample_foreground']}",
+    ]
+    if section["mirror_axes"] is not None:
+        schedule.append(
+            "--mirror-axes " + " ".join(str(a) for a in section["mirror_axes"])
+        )
+    return " ".join(overrides + schedule)
+
+
+# The teacher's nnU-Net model: rules/teacher.smk trains it and predicts the test set, rules/pseudo.smk pseudo-labels
+# with it.
+TEACHER = config["teacher"]
+TEACHER_ROOT = res("teacher", "nnunet")
+TEACHER_DATASET = dataset_name(TEACHER["dataset_id"], "Teacher")
+TEACHER_MODEL = str(
+    model_folder(
+        TEACHER_ROOT, TEACHER_DATASET, TEACHER["planner"], TEACHER["configuration"]
+    )
+)
+TEACHER_FOLD = os.path.join(TEACHER_MODEL, fold_name(TEACHER["fold"]))
+TEACHER_CHECKPOINT = os.path.join(TEACHER_FOLD, "checkpoint_final.pth")
+
+# Evaluated experiments (rules/evaluation.smk, rules/report.smk): the student experiments plus the teacher, whose
+# own test-set predictions are scored the same way.
+EVAL_EXPERIMENTS = list(dict.fromkeys(config["eval"]["experiments"] + ["teacher"]))
+TEST_CASES = sorted(TEST)

@@ -3,7 +3,7 @@
 
 import json
 
-from workflow_scripts.demo_plan import dataset_json_path, truth_path
+from workflow_scripts.demo.plan import dataset_json_path, truth_path
 
 if config["demo"]["enabled"]:
 
@@ -29,5 +29,5 @@ if config["demo"]["enabled"]:
             spec=json.dumps({"demo": config["demo"], "labels": config["labels"]}),
             py=PY,
         shell:
-            "{params.py}.demo_dataset --spec {params.spec:q} --dataset-json {output.dataset:q}"
+            "{params.py}.demo.dataset --spec {params.spec:q} --dataset-json {output.dataset:q}"
             " --threads {threads} > {log:q} 2>&1"

@@ -1,12 +1,8 @@
-# Rules of the evaluation stage: FLARE DSC/NSD per experiment (workflow_scripts/evaluate.py), the per-experiment
-# efficiency table (workflow_scripts/efficiency_report.py) and the ablation table (workflow_scripts/ablation.py).
+# Rules of the evaluation stage (workflow_scripts/evaluation/): FLARE DSC/NSD per experiment (evaluate.py), the
+# per-experiment efficiency table (efficiency_report.py) and the ablation table (ablation.py). EVAL_EXPERIMENTS (the
+# student experiments plus the teacher) and TEST_CASES are in common.smk: rules/report.smk uses them too.
 
-import json
-
-# Student experiments plus the teacher, whose own test-set predictions are scored the same way.
-EVAL_EXPERIMENTS = list(dict.fromkeys(config["eval"]["experiments"] + ["teacher"]))
 EVAL_PATTERN = "|".join(EVAL_EXPERIMENTS)
-TEST_CASES = sorted(TEST)
 
 for key in ("ablation", "overlay_experiments"):
     unknown = sorted(set(config["eval"][key]) - set(EVAL_EXPERIMENTS))
@@ -18,14 +14,6 @@ if config["eval"]["rank_experiment"] not in EVAL_EXPERIMENTS:
     raise ValueError(
         f"config eval.rank_experiment {config['eval']['rank_experiment']!r} is not evaluated"
     )
-
-
-# The QC stage's geometry tolerances: a prediction must sit on the ground truth's grid within them.
-GEOMETRY_TOLERANCE_ARGS = (
-    f"--spacing-tolerance {config['qc']['spacing_tolerance']}"
-    f" --origin-tolerance-mm {config['qc']['origin_tolerance_mm']}"
-    f" --direction-tolerance {config['qc']['direction_tolerance']}"
-)
 
 
 rule evaluate_experiment:
@@ -56,7 +44,7 @@ rule evaluate_experiment:
     params:
         py=PY,
         cases=" ".join(TEST_CASES),
-        labels=json.dumps(config["labels"]),
+        label_map=LABEL_MAP,
         z_crop=(
             " ".join(str(c) for c in config["eval"]["tubular_classes"])
             if config["eval"]["tubular_z_crop"]
@@ -65,8 +53,8 @@ rule evaluate_experiment:
         nsd_zero_below_dsc=config["eval"]["nsd_zero_below_dsc"],
         tolerances=GEOMETRY_TOLERANCE_ARGS,
     shell:
-        "{params.py}.evaluate --cases {params.cases} --gt {input.gt:q} --pred {input.pred:q}"
-        " --labels {params.labels:q} --z-crop-classes {params.z_crop}"
+        "{params.py}.evaluation.evaluate --cases {params.cases} --gt {input.gt:q} --pred {input.pred:q}"
+        " --label-map {params.label_map:q} --z-crop-classes {params.z_crop}"
         " --nsd-zero-below-dsc {params.nsd_zero_below_dsc} {params.tolerances} --jobs {threads}"
         " --metrics {output.metrics:q} --summary {output.summary:q} > {log:q} 2>&1"
 
@@ -98,7 +86,7 @@ rule efficiency_experiment:
         py=PY,
         cases=" ".join(TEST_CASES),
     shell:
-        "{params.py}.efficiency_report --tables {input:q} --cases {params.cases}"
+        "{params.py}.evaluation.efficiency_report --tables {input:q} --cases {params.cases}"
         " --output {output:q} > {log:q} 2>&1"
 
 
@@ -129,7 +117,7 @@ rule ablation:
         py=PY,
         experiments=" ".join(config["eval"]["ablation"]),
     shell:
-        "{params.py}.ablation --experiments {params.experiments} --summaries {input:q}"
+        "{params.py}.evaluation.ablation --experiments {params.experiments} --summaries {input:q}"
         " --output {output:q} > {log:q} 2>&1"
 
 

@@ -1,14 +1,9 @@
-# Rules that show whether and how well the models learned (workflow_scripts/learning_curves.py, c2f_stages.py,
-# label_quality.py): learning curves of the teacher and the c2f students, the c2f student's two stages measured
-# apart on the test set, and, where the complete truth of the training cases is known (the demo, data.truth),
-# the pseudo-labels and merged labels scored against it.
+# Rules that show whether and how well the models learned (workflow_scripts/evaluation/: learning_curves.py,
+# c2f_stages.py, label_quality.py): learning curves of the teacher and the c2f students, the c2f student's two
+# stages measured apart on the test set, and, where the complete truth of the training cases is known (the demo,
+# data.truth), the pseudo-labels and merged labels scored against it.
 
-import json
-
-
-def pseudo_labelled_cases():
-    """Cases that get a pseudo-label (weak, and unlabeled with pseudo.include_unlabeled)."""
-    return [case for cases in pseudo_shards().values() for case in cases]
+import shlex
 
 
 rule learning_curves:
@@ -44,21 +39,19 @@ rule learning_curves:
             shlex.quote(f"{experiment}={path}")
             for experiment, path in zip(C2F_EXPERIMENTS, input.students)
         ),
-        labels=json.dumps(config["labels"]),
+        label_map=LABEL_MAP,
     shell:
-        "{params.py}.learning_curves --teacher {input.teacher:q} --teacher-classes {params.classes}"
-        " --students {params.students} --label-map {params.labels:q} --dpi {params.dpi}"
-        " --table {output.table:q} --figure {output.figure:q} > {log:q} 2>&1"
+        "{params.py}.evaluation.learning_curves --teacher {input.teacher:q}"
+        " --teacher-classes {params.classes} --students {params.students}"
+        " --label-map {params.label_map:q} --dpi {params.dpi}"
+        " --output-table {output.table:q} --output-figure {output.figure:q} > {log:q} 2>&1"
 
 
 rule c2f_stages:
     input:
         gt=[TEST[case]["label"] for case in TEST_CASES],
         pred=lambda wildcards: prediction_files(wildcards.experiment),
-        boxes=lambda wildcards: [
-            res("student", wildcards.experiment, "pred", "boxes", f"{shard}.tsv")
-            for shard in test_shards(config["student"]["shard_size"])
-        ],
+        boxes=lambda wildcards: box_tables(wildcards.experiment),
     output:
         report(
             res("eval", "{experiment}", "c2f_stages.tsv"),
@@ -82,10 +75,11 @@ rule c2f_stages:
     params:
         py=PY,
         cases=" ".join(TEST_CASES),
-        labels=json.dumps(config["labels"]),
+        label_map=LABEL_MAP,
     shell:
-        "{params.py}.c2f_stages --cases {params.cases} --gt {input.gt:q} --pred {input.pred:q}"
-        " --boxes {input.boxes:q} --label-map {params.labels:q} --out {output:q} > {log:q} 2>&1"
+        "{params.py}.evaluation.c2f_stages --cases {params.cases} --gt {input.gt:q}"
+        " --pred {input.pred:q} --boxes {input.boxes:q} --label-map {params.label_map:q}"
+        " --output {output:q} > {log:q} 2>&1"
 
 
 rule label_quality_pseudo:
@@ -115,10 +109,11 @@ rule label_quality_pseudo:
         py=PY,
         cases=lambda wildcards: " ".join(pseudo_labelled_cases()),
         classes=" ".join(str(c) for c in TEACHER["classes"]),
-        labels=json.dumps(config["labels"]),
+        label_map=LABEL_MAP,
     shell:
-        "{params.py}.label_quality --cases {params.cases} --truth {input.truth:q} --labels {input.labels:q}"
-        " --classes {params.classes} --label-map {params.labels:q} --out {output:q} > {log:q} 2>&1"
+        "{params.py}.evaluation.label_quality --cases {params.cases} --truth {input.truth:q}"
+        " --labels {input.labels:q} --classes {params.classes} --label-map {params.label_map:q}"
+        " --output {output:q} > {log:q} 2>&1"
 
 
 rule label_quality_merged:
@@ -146,10 +141,11 @@ rule label_quality_merged:
     params:
         py=PY,
         cases=lambda wildcards: " ".join(merged_label_cases()),
-        labels=json.dumps(config["labels"]),
+        label_map=LABEL_MAP,
     shell:
-        "{params.py}.label_quality --cases {params.cases} --truth {input.truth:q} --labels {input.labels:q}"
-        " --split {input.split:q} --label-map {params.labels:q} --out {output:q} > {log:q} 2>&1"
+        "{params.py}.evaluation.label_quality --cases {params.cases} --truth {input.truth:q}"
+        " --labels {input.labels:q} --split {input.split:q} --label-map {params.label_map:q}"
+        " --output {output:q} > {log:q} 2>&1"
 
 
 TARGETS["learning"] = (

@@ -2,9 +2,7 @@
 # pass strong labels through, and summarise what was filled. merged_label_cases(), merged_label_files() and
 # training_label() live in common.smk because the student stages use them too.
 
-import json
-
-from workflow_scripts.merge import input_flags, rule_inputs
+from workflow_scripts.labels.merge import input_flags, rule_inputs
 
 
 rule merge_case:
@@ -34,20 +32,16 @@ rule merge_case:
     params:
         py=PY,
         inputs=lambda wildcards, input: input_flags(input.items()),
-        labels=json.dumps(config["labels"]),
+        label_map=LABEL_MAP,
         fill_classes=" ".join(str(c) for c in config["teacher"]["classes"]),
         min_confidence=config["merge"]["min_confidence"],
         low_confidence_as=config["merge"]["low_confidence_as"],
-        tolerances=(
-            f"--spacing-tolerance {config['qc']['spacing_tolerance']}"
-            f" --origin-tolerance-mm {config['qc']['origin_tolerance_mm']}"
-            f" --direction-tolerance {config['qc']['direction_tolerance']}"
-        ),
+        tolerances=GEOMETRY_TOLERANCE_ARGS,
     shell:
-        "{params.py}.merge case --case {wildcards.case} {params.inputs}"
-        " --labels {params.labels:q} --fill-classes {params.fill_classes}"
+        "{params.py}.labels.merge case --case {wildcards.case} {params.inputs}"
+        " --label-map {params.label_map:q} --fill-classes {params.fill_classes}"
         " --min-confidence {params.min_confidence} --low-confidence-as {params.low_confidence_as}"
-        " {params.tolerances} --out-label {output.label:q} --out-table {output.table:q} > {log:q} 2>&1"
+        " {params.tolerances} --output-label {output.label:q} --output-table {output.table:q} > {log:q} 2>&1"
 
 
 rule merge_summary:
@@ -71,7 +65,7 @@ rule merge_summary:
     params:
         py=PY,
     shell:
-        "{params.py}.merge summary --split {input.split:q} --tables {input.tables:q}"
+        "{params.py}.labels.merge summary --split {input.split:q} --tables {input.tables:q}"
         " --output {output:q} > {log:q} 2>&1"
 
 

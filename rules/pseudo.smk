@@ -1,12 +1,11 @@
 # Rules of the pseudo stage: the teacher's TTA pseudo-labels and confidence maps for the weak cases (and the
-# unlabeled ones with pseudo.include_unlabeled; workflow_scripts/pseudo_labels.py). One job per shard of about
+# unlabeled ones with pseudo.include_unlabeled; workflow_scripts/labels/pseudo.py). One job per shard of about
 # pseudo.shard_size cases (pseudo_shards in common.smk: named after its first case, stable when cases are added)
 # loads the model once and writes results/pseudo/shards/{shard}/; a local per-case rule hard-links each case's two
-# files to results/pseudo/, so every case is its own artifact for the merge.
+# files to results/pseudo/, so every case is its own artifact for the merge. The teacher's model paths (TEACHER_*)
+# come from common.smk.
 
-import json
-
-from workflow_scripts.pseudo_labels import case_files, shard_of
+from workflow_scripts.labels.pseudo import case_files, shard_of
 
 PSEUDO = config["pseudo"]
 
@@ -40,13 +39,13 @@ rule pseudo_shard:
         tta_batch=PSEUDO["tta_batch"],
         device=config["device"],
         cases=lambda wildcards: " ".join(pseudo_shards()[wildcards.shard]),
-        labels=json.dumps(config["labels"]),
-        postprocess=json.dumps(config["postprocess"]),
+        label_map=LABEL_MAP,
+        postprocess=POSTPROCESS,
     shell:
-        "{params.py}.pseudo_labels --models {params.model:q} --fold {params.fold}"
+        "{params.py}.labels.pseudo --models {params.model:q} --fold {params.fold}"
         " {params.tta} --tta-batch {params.tta_batch} --device {params.device} --threads {threads}"
-        " --cases {params.cases} --images {input.images:q} --labels {params.labels:q}"
-        " --postprocess {params.postprocess:q} --out {output:q} > {log:q} 2>&1"
+        " --cases {params.cases} --images {input.images:q} --label-map {params.label_map:q}"
+        " --postprocess {params.postprocess:q} --output {output:q} > {log:q} 2>&1"
 
 
 localrules:

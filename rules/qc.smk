@@ -21,17 +21,12 @@ rule qc_case:
     params:
         py=PY,
         label=qc_label_arg,
-        label_map=LABEL_MAP_ARG,
+        label_map=LABEL_MAP,
         on_error=config["qc"]["on_error"],
-        spacing_tolerance=config["qc"]["spacing_tolerance"],
-        origin_tolerance_mm=config["qc"]["origin_tolerance_mm"],
-        direction_tolerance=config["qc"]["direction_tolerance"],
+        tolerances=GEOMETRY_TOLERANCE_ARGS,
     shell:
-        "{params.py}.qc case --case {wildcards.case} --image {input.image:q} {params.label}"
-        " --label-map {params.label_map} --on-error {params.on_error}"
-        " --spacing-tolerance {params.spacing_tolerance}"
-        " --origin-tolerance-mm {params.origin_tolerance_mm}"
-        " --direction-tolerance {params.direction_tolerance}"
+        "{params.py}.ingest.qc case --case {wildcards.case} --image {input.image:q} {params.label}"
+        " --label-map {params.label_map:q} --on-error {params.on_error} {params.tolerances}"
         " --output {output:q} > {log:q} 2>&1"
 
 
@@ -54,7 +49,7 @@ checkpoint qc_summary:
     params:
         py=PY,
     shell:
-        "{params.py}.qc summary --accepted {output.accepted:q} --rejected {output.rejected:q}"
+        "{params.py}.ingest.qc summary --accepted {output.accepted:q} --rejected {output.rejected:q}"
         " {input:q} > {log:q} 2>&1"
 
 

@@ -1,5 +1,6 @@
-# Rules of the report stage: the evaluation figures (workflow_scripts/figures.py), registered with report() so that
+# Rules of the report stage: the evaluation figures (workflow_scripts/evaluation/figures.py), registered with report() so that
 # `snakemake --report results/report.zip` collects them with the label-statistics figures and the tables.
+# EVAL_EXPERIMENTS and TEST_CASES come from common.smk.
 
 OVERLAY_EXPERIMENTS = config["eval"]["overlay_experiments"]
 
@@ -28,10 +29,10 @@ rule figure_dsc_boxplots:
         py=PY,
         dpi=config["eval"]["figure_dpi"],
         experiments=" ".join(EVAL_EXPERIMENTS),
-        labels=json.dumps(config["labels"]),
+        label_map=LABEL_MAP,
     shell:
-        "{params.py}.figures --dpi {params.dpi} boxplots --experiments {params.experiments} --metrics {input:q}"
-        " --labels {params.labels:q} --output {output:q} > {log:q} 2>&1"
+        "{params.py}.evaluation.figures --dpi {params.dpi} boxplots --experiments {params.experiments} --metrics {input:q}"
+        " --label-map {params.label_map:q} --output {output:q} > {log:q} 2>&1"
 
 
 rule figure_efficiency:
@@ -59,7 +60,7 @@ rule figure_efficiency:
         dpi=config["eval"]["figure_dpi"],
         experiments=" ".join(EVAL_EXPERIMENTS),
     shell:
-        "{params.py}.figures --dpi {params.dpi} efficiency --experiments {params.experiments} --tables {input:q}"
+        "{params.py}.evaluation.figures --dpi {params.dpi} efficiency --experiments {params.experiments} --tables {input:q}"
         " --output {output:q} > {log:q} 2>&1"
 
 
@@ -94,12 +95,12 @@ rule figure_qualitative:
         py=PY,
         dpi=config["eval"]["figure_dpi"],
         cases=" ".join(TEST_CASES),
-        labels=json.dumps(config["labels"]),
+        label_map=LABEL_MAP,
         experiments=" ".join(OVERLAY_EXPERIMENTS),
         pred_dirs=" ".join(prediction_dir(e) for e in OVERLAY_EXPERIMENTS),
         window=" ".join(str(v) for v in config["eval"]["display_window"]),
     shell:
-        "{params.py}.figures --dpi {params.dpi} qualitative --rank-metrics {input.rank:q} --labels {params.labels:q}"
+        "{params.py}.evaluation.figures --dpi {params.dpi} qualitative --rank-metrics {input.rank:q} --label-map {params.label_map:q}"
         " --cases {params.cases} --images {input.images:q} --gt {input.gt:q}"
         " --experiments {params.experiments} --pred-dirs {params.pred_dirs}"
         " --window {params.window} --output {output:q} > {log:q} 2>&1"

@@ -20,10 +20,10 @@ checkpoint split:
     params:
         py=PY,
         strong_requires=config["split"]["strong_requires"],
-        label_map=LABEL_MAP_ARG,
+        label_map=LABEL_MAP,
     shell:
-        "{params.py}.split --accepted {input.accepted:q} --label-stats {input.label_stats:q}"
-        " --strong-requires {params.strong_requires} --label-map {params.label_map}"
+        "{params.py}.ingest.split --accepted {input.accepted:q} --label-stats {input.label_stats:q}"
+        " --strong-requires {params.strong_requires} --label-map {params.label_map:q}"
         " --output {output.split:q} > {log:q} 2>&1"
 
 

@@ -19,11 +19,11 @@ rule stats_case:
         runtime=config["stats"]["runtime"],
     params:
         py=PY,
-        label_map=LABEL_MAP_ARG,
+        label_map=LABEL_MAP,
         connectivity=config["stats"]["connectivity"],
     shell:
-        "{params.py}.stats case --case {wildcards.case} --label {input.label:q} --qc {input.qc:q}"
-        " --label-map {params.label_map} --connectivity {params.connectivity}"
+        "{params.py}.ingest.stats case --case {wildcards.case} --label {input.label:q} --qc {input.qc:q}"
+        " --label-map {params.label_map:q} --connectivity {params.connectivity}"
         " --output {output:q} > {log:q} 2>&1"
 
 
@@ -57,9 +57,9 @@ rule stats_aggregate:
         runtime=config["stats"]["runtime"],
     params:
         py=PY,
-        label_map=LABEL_MAP_ARG,
+        label_map=LABEL_MAP,
     shell:
-        "{params.py}.stats aggregate --label-map {params.label_map} --table {output.table:q}"
+        "{params.py}.ingest.stats aggregate --label-map {params.label_map:q} --table {output.table:q}"
         " --summary {output.summary:q} --counts-png {output.counts:q}"
         " --presence-png {output.presence:q} {input:q} > {log:q} 2>&1"
 

@@ -1,33 +1,17 @@
-# Rules of the student stage: the coarse-to-fine student (workflow_scripts/c2f_*.py), trained on the merged labels
+# Rules of the student stage: the coarse-to-fine student (workflow_scripts/c2f/), trained on the merged labels
 # (two_stage) or on the raw weak labels (baseline, the paper's ablation), and its test-set predictions.
 # Only experiments whose model is c2f are handled here; the nnU-Net student option lives in its own rule file.
 
 import json
 
-import pandas as pd
-
-from workflow_scripts.merge import ignore_label
-
-# experiment -> label source ("merged" / "raw") of every c2f experiment
-C2F_LABELS = {
-    name: experiment["labels"]
-    for name, experiment in config["student"]["experiments"].items()
-    if experiment.get("model", "c2f") == "c2f"
-}
-C2F_EXPERIMENTS = list(C2F_LABELS)
-# restricts the student rules' {experiment} wildcard so they never compete with the nnU-Net student's rules
-C2F_PATTERN = "|".join(C2F_EXPERIMENTS) or "(?!)"
+from workflow_scripts.io.label_map import ignore_label
+from workflow_scripts.io.manifest import write_manifest
 
 
 rule student_manifest:
     input:
-        images=lambda wildcards: [
-            TRAIN[case]["image"] for case in cases_by_category("strong", "weak")
-        ],
-        labels=lambda wildcards: [
-            training_label(case, C2F_LABELS[wildcards.experiment])
-            for case in cases_by_category("strong", "weak")
-        ],
+        images=student_training_images,
+        labels=student_training_labels,
     output:
         res("student", "{experiment}", "train_cases.tsv"),
     log:
@@ -41,14 +25,10 @@ rule student_manifest:
         mem_mb=500,
         runtime=5,
     run:
-        # written here, not by a job script: thousands of paths would exceed the shell's argument limit
-        pd.DataFrame(
-            {
-                "case": cases_by_category("strong", "weak"),
-                "image": input.images,
-                "label": input.labels,
-            }
-        ).to_csv(output[0], sep="\t", index=False)
+        # a table, not a command line: thousands of paths would exceed the shell's argument limit
+        write_manifest(
+            output[0], student_training_cases(), input.images, input.labels
+        )
 
 
 rule student_train:
@@ -78,37 +58,34 @@ rule student_train:
         work_dir=lambda wildcards: res("student", wildcards.experiment, "checkpoints"),
         device=config["device"],
     shell:
-        "{params.py}.c2f_train --manifest {input.manifest:q} --c2f {params.c2f:q}"
+        "{params.py}.c2f.train --manifest {input.manifest:q} --c2f {params.c2f:q}"
         " --label-ids {params.label_ids} --ignore-label {params.ignore}"
         " --work-dir {params.work_dir:q} --model {output.model:q} --log {output.log:q}"
         " --device {params.device} --threads {threads} > {log:q} 2>&1"
 
 
-# One prediction job per shard of test cases: the model is loaded once per shard, and every case still gets its
-# own output file. Shards are fixed when the workflow is parsed, so each is a rule of its own.
-for student_shard, student_shard_cases in test_shards(
-    config["student"]["shard_size"]
-).items():
+# One prediction job per shard of test cases (prediction_shards in common.smk).
+for student_shard in prediction_shards(
+    "student_predict",
+    res("student", "{experiment}", "pred"),
+    config["student"]["shard_size"],
+    "{experiment}_",
+):
 
     rule:
         name:
-            f"student_predict_{student_shard}"
+            student_shard.name
         input:
             model=res("student", "{experiment}", "model", "model_final.pt"),
-            images=[TEST[case]["image"] for case in student_shard_cases],
+            images=student_shard.images,
         output:
-            predictions=[
-                res("student", "{experiment}", "pred", f"{case}.nii.gz")
-                for case in student_shard_cases
-            ],
-            efficiency=res(
-                "student", "{experiment}", "pred", "efficiency", f"{student_shard}.tsv"
-            ),
-            boxes=res("student", "{experiment}", "pred", "boxes", f"{student_shard}.tsv"),
+            predictions=student_shard.predictions,
+            efficiency=student_shard.efficiency,
+            boxes=student_shard.boxes,
         log:
-            log_path("student_predict", f"{{experiment}}_{student_shard}"),
+            student_shard.log,
         benchmark:
-            bench_path("student_predict", f"{{experiment}}_{student_shard}")
+            student_shard.benchmark
         wildcard_constraints:
             experiment=C2F_PATTERN,
         conda:
@@ -120,17 +97,17 @@ for student_shard, student_shard_cases in test_shards(
             gpu=int(config["device"] == "cuda"),
         params:
             py=PY,
-            cases=" ".join(student_shard_cases),
-            labels=json.dumps(config["labels"]),
-            postprocess=json.dumps(config["postprocess"]),
+            cases=student_shard.cases,
+            label_map=LABEL_MAP,
+            postprocess=POSTPROCESS,
             margin_mm=config["student"]["c2f"]["margin_mm"],
             amp=config["student"]["c2f"]["amp"],
             interval=config["eval"]["gpu_sample_interval_s"],
             device=config["device"],
         shell:
-            "{params.py}.c2f_predict --model {input.model:q} --cases {params.cases}"
+            "{params.py}.c2f.predict --model {input.model:q} --cases {params.cases}"
             " --images {input.images:q} --outputs {output.predictions:q}"
-            " --efficiency {output.efficiency:q} --boxes {output.boxes:q} --labels {params.labels:q}"
+            " --efficiency {output.efficiency:q} --boxes {output.boxes:q} --label-map {params.label_map:q}"
             " --postprocess {params.postprocess:q} --margin-mm {params.margin_mm}"
             " --device {params.device} --amp {params.amp} --threads {threads}"
             " --interval {params.interval} > {log:q} 2>&1"

@@ -1,20 +1,18 @@
-# Rules of the nnU-Net student option (student.experiments[*].model: nnunet; workflow_scripts/nnunet_student.py):
+# Rules of the nnU-Net student option (student.experiments[*].model: nnunet; workflow_scripts/nnunet/student.py):
 # nnU-Net v2 trained on the merged or raw labels, one model per student.nnunet.batch_sizes entry, and the test-set
 # predictions (no TTA, argmax on the logits, torch resampling; two or more models are a softmax ensemble).
 # Each experiment has its own nnU-Net tree results/student/<experiment>/nnunet/{raw,preprocessed,results} and its
 # own dataset id (student.nnunet.dataset_id + its position among the nnU-Net experiments), named by the {dataset}
 # wildcard, which is constrained to exactly those names.
 
-import json
-
-from workflow_scripts.nnunet_student import (
+from workflow_scripts.io.manifest import write_manifest
+from workflow_scripts.nnunet.student import (
     experiment_dataset_ids,
     student_dataset_name,
     student_model_folder,
     uses_ignore_label,
-    write_manifest,
 )
-from workflow_scripts.teacher import custom_plans_identifier, fold_name
+from workflow_scripts.nnunet.training import custom_plans_identifier, fold_name
 
 NNUNET_STUDENT = config["student"]["nnunet"]
 NNUNET_PLANS = custom_plans_identifier(NNUNET_STUDENT["planner"])
@@ -44,15 +42,8 @@ NNUNET_CHECKPOINT = os.path.join(
 
 rule student_nnunet_manifest:
     input:
-        images=lambda wildcards: [
-            TRAIN[case]["image"] for case in cases_by_category("strong", "weak")
-        ],
-        labels=lambda wildcards: [
-            training_label(
-                case, config["student"]["experiments"][wildcards.experiment]["labels"]
-            )
-            for case in cases_by_category("strong", "weak")
-        ],
+        images=student_training_images,
+        labels=student_training_labels,
     output:
         res("student", "{experiment}", "nnunet", "train_cases.tsv"),
     log:
@@ -68,10 +59,7 @@ rule student_nnunet_manifest:
     run:
         # a table, not a command line: thousands of paths would exceed the shell's argument limit
         write_manifest(
-            output[0],
-            cases_by_category("strong", "weak"),
-            input.images,
-            input.labels,
+            output[0], student_training_cases(), input.images, input.labels
         )
 
 
@@ -96,19 +84,19 @@ rule student_nnunet_dataset:
         runtime=config["student"]["runtime"],
     params:
         py=PY,
-        labels=json.dumps(config["labels"]),
+        label_map=LABEL_MAP,
         ignore=lambda wildcards: (
             "--ignore"
             if uses_ignore_label(
-                config["student"]["experiments"][wildcards.experiment]["labels"],
+                student_label_source(wildcards.experiment),
                 config["merge"]["low_confidence_as"],
             )
             else ""
         ),
         out=lambda wildcards, output: os.path.dirname(output[0]),
     shell:
-        "{params.py}.nnunet_student dataset --manifest {input:q} --labels {params.labels:q}"
-        " {params.ignore} --out {params.out:q} > {log:q} 2>&1"
+        "{params.py}.nnunet.student dataset --manifest {input:q} --label-map {params.label_map:q}"
+        " {params.ignore} --output {params.out:q} > {log:q} 2>&1"
 
 
 rule student_nnunet_plan:
@@ -143,22 +131,12 @@ rule student_nnunet_plan:
         planner=NNUNET_STUDENT["planner"],
         configuration=NNUNET_STUDENT["configuration"],
         batch_sizes=" ".join(str(b) for b in NNUNET_STUDENT["batch_sizes"]),
-        overrides=" ".join(
-            f"--{key.replace('_', '-')} {' '.join(str(v) for v in NNUNET_STUDENT[key])}"
-            for key in ("patch_size", "features_per_stage")
-            if NNUNET_STUDENT[key] is not None
-        ),
-        schedule=(
-            f"--epochs {NNUNET_STUDENT['epochs']}"
-            f" --iterations-per-epoch {NNUNET_STUDENT['iterations_per_epoch']}"
-            f" --val-iterations {NNUNET_STUDENT['val_iterations']}"
-            f" --checkpoint-every {NNUNET_STUDENT['checkpoint_every']}"
-        ),
+        plans=nnunet_plans_args(NNUNET_STUDENT),
     shell:
-        "{params.py}.nnunet_student plan --root {params.root:q} --dataset-id {params.dataset_id}"
+        "{params.py}.nnunet.student plan --root {params.root:q} --dataset-id {params.dataset_id}"
         " --planner {params.planner} --configuration {params.configuration} --threads {threads}"
-        " --batch-sizes {params.batch_sizes} {params.overrides} {params.schedule}"
-        " --out {output:q} > {log:q} 2>&1"
+        " --batch-sizes {params.batch_sizes} {params.plans}"
+        " --output {output:q} > {log:q} 2>&1"
 
 
 rule student_nnunet_train:
@@ -198,22 +176,24 @@ rule student_nnunet_train:
         fold=NNUNET_STUDENT["fold"],
         device=config["device"],
     shell:
-        "{params.py}.nnunet_student train --root {params.root:q} --dataset-id {params.dataset_id}"
+        "{params.py}.nnunet.student train --root {params.root:q} --dataset-id {params.dataset_id}"
         " --planner {params.planner} --configuration {params.configuration} --batch-size {wildcards.batch}"
         " --fold {params.fold} --device {params.device} --threads {threads}"
         " --expect {output:q} > {log:q} 2>&1"
 
 
-# One prediction job per shard of test cases, as for the c2f student: the models are loaded once per shard and
-# every case still gets its own output file, so each shard is a rule of its own (student_nnunet_predict_<shard>).
-# nnunet_predict averages the softmax of the models (one per batch size), without mirroring TTA.
-for nnunet_shard, nnunet_shard_cases in test_shards(
-    config["student"]["shard_size"]
-).items():
+# One prediction job per shard of test cases, as for the c2f student (prediction_shards in common.smk).
+# workflow_scripts.nnunet.predict averages the softmax of the models (one per batch size), without mirroring TTA.
+for nnunet_shard in prediction_shards(
+    "student_nnunet_predict",
+    res("student", "{experiment}", "pred"),
+    config["student"]["shard_size"],
+    "{experiment}_",
+):
 
     rule:
         name:
-            f"student_nnunet_predict_{nnunet_shard}"
+            nnunet_shard.name
         input:
             checkpoints=lambda wildcards: expand(
                 NNUNET_CHECKPOINT,
@@ -221,19 +201,14 @@ for nnunet_shard, nnunet_shard_cases in test_shards(
                 dataset=NNUNET_DATASETS[wildcards.experiment],
                 batch=NNUNET_STUDENT["batch_sizes"],
             ),
-            images=[TEST[case]["image"] for case in nnunet_shard_cases],
+            images=nnunet_shard.images,
         output:
-            predictions=[
-                res("student", "{experiment}", "pred", f"{case}.nii.gz")
-                for case in nnunet_shard_cases
-            ],
-            efficiency=res(
-                "student", "{experiment}", "pred", "efficiency", f"{nnunet_shard}.tsv"
-            ),
+            predictions=nnunet_shard.predictions,
+            efficiency=nnunet_shard.efficiency,
         log:
-            log_path("student_nnunet_predict", f"{{experiment}}_{nnunet_shard}"),
+            nnunet_shard.log,
         benchmark:
-            bench_path("student_nnunet_predict", f"{{experiment}}_{nnunet_shard}")
+            nnunet_shard.benchmark
         wildcard_constraints:
             experiment=NNUNET_EXPERIMENT_PATTERN,
         conda:
@@ -249,15 +224,15 @@ for nnunet_shard, nnunet_shard_cases in test_shards(
                 os.path.dirname(os.path.dirname(c)) for c in input.checkpoints
             ],
             fold=NNUNET_STUDENT["fold"],
-            cases=" ".join(nnunet_shard_cases),
-            labels=json.dumps(config["labels"]),
-            postprocess=json.dumps(config["postprocess"]),
+            cases=nnunet_shard.cases,
+            label_map=LABEL_MAP,
+            postprocess=POSTPROCESS,
             interval=config["eval"]["gpu_sample_interval_s"],
             device=config["device"],
         shell:
-            "{params.py}.nnunet_predict --models {params.models:q} --fold {params.fold} --no-tta"
+            "{params.py}.nnunet.predict --models {params.models:q} --fold {params.fold} --no-tta"
             " --cases {params.cases} --images {input.images:q} --outputs {output.predictions:q}"
-            " --efficiency {output.efficiency:q} --labels {params.labels:q}"
+            " --efficiency {output.efficiency:q} --label-map {params.label_map:q}"
             " --postprocess {params.postprocess:q} --device {params.device} --threads {threads}"
             " --interval {params.interval} > {log:q} 2>&1"
 

@@ -1,30 +1,13 @@
-# Rules of the teacher stage: nnU-Net v2 trained on the strong cases (workflow_scripts/teacher.py).
+# Rules of the teacher stage: nnU-Net v2 trained on the strong cases (workflow_scripts/nnunet/teacher.py, training.py).
 # nnU-Net's folders live under results/teacher/nnunet/{raw,preprocessed,results}; its environment variables are
-# set inside each job (workflow_scripts/nnunet_ext.configure_environment), never globally. Training declares only
+# set inside each job (workflow_scripts/nnunet/ext.configure_environment), never globally. Training declares only
 # checkpoint_final.pth and the validation summary: checkpoint_latest.pth next to them is left undeclared, so
-# Snakemake keeps it when a job is killed and the rerun continues from it.
+# Snakemake keeps it when a job is killed and the rerun continues from it. The model's paths (TEACHER_*) are in
+# common.smk: rules/pseudo.smk predicts with it too.
 
-import json
+from workflow_scripts.nnunet.training import PLANS_IDENTIFIERS, custom_plans_identifier
 
-from workflow_scripts.nnunet_dataset import dataset_name
-from workflow_scripts.teacher import (
-    PLANS_IDENTIFIERS,
-    custom_plans_identifier,
-    fold_name,
-    model_folder,
-)
-
-TEACHER = config["teacher"]
-TEACHER_ROOT = res("teacher", "nnunet")
-TEACHER_DATASET = dataset_name(TEACHER["dataset_id"], "Teacher")
 TEACHER_PREPROCESSED = os.path.join(TEACHER_ROOT, "preprocessed", TEACHER_DATASET)
-TEACHER_MODEL = str(
-    model_folder(
-        TEACHER_ROOT, TEACHER_DATASET, TEACHER["planner"], TEACHER["configuration"]
-    )
-)
-TEACHER_FOLD = os.path.join(TEACHER_MODEL, fold_name(TEACHER["fold"]))
-TEACHER_CHECKPOINT = os.path.join(TEACHER_FOLD, "checkpoint_final.pth")
 TEACHER_ARGS = (
     f"--root {shlex.quote(TEACHER_ROOT)} --dataset-id {TEACHER['dataset_id']}"
     f" --planner {TEACHER['planner']} --configuration {TEACHER['configuration']}"
@@ -55,12 +38,12 @@ rule teacher_dataset:
         py=PY,
         cases=lambda wildcards: " ".join(cases_by_category("strong")),
         classes=" ".join(str(c) for c in TEACHER["classes"]),
-        labels=json.dumps(config["labels"]),
+        label_map=LABEL_MAP,
         out=lambda wildcards, output: os.path.dirname(output[0]),
     shell:
-        "{params.py}.nnunet_dataset --cases {params.cases} --images {input.images:q}"
-        " --labels {input.labels:q} --classes {params.classes} --label-map {params.labels:q}"
-        " --out {params.out:q} > {log:q} 2>&1"
+        "{params.py}.nnunet.dataset --cases {params.cases} --images {input.images:q}"
+        " --labels {input.labels:q} --classes {params.classes} --label-map {params.label_map:q}"
+        " --output {params.out:q} > {log:q} 2>&1"
 
 
 rule teacher_preprocess:
@@ -84,7 +67,7 @@ rule teacher_preprocess:
         py=PY,
         args=TEACHER_ARGS,
     shell:
-        "{params.py}.teacher preprocess {params.args} --threads {threads}"
+        "{params.py}.nnunet.teacher preprocess {params.args} --threads {threads}"
         " --expect {output:q} > {log:q} 2>&1"
 
 
@@ -110,32 +93,15 @@ rule teacher_configure:
     params:
         py=PY,
         args=TEACHER_ARGS,
-        overrides=" ".join(
-            f"--{key.replace('_', '-')} {' '.join(str(v) for v in TEACHER[key])}"
-            for key in ("patch_size", "features_per_stage")
-            if TEACHER[key] is not None
-        )
+        plans=nnunet_plans_args(TEACHER)
         + (
             f" --batch-size {TEACHER['batch_size']}"
             if TEACHER["batch_size"] is not None
             else ""
         ),
-        schedule=(
-            f"--epochs {TEACHER['epochs']}"
-            f" --iterations-per-epoch {TEACHER['iterations_per_epoch']}"
-            f" --val-iterations {TEACHER['val_iterations']}"
-            f" --checkpoint-every {TEACHER['checkpoint_every']}"
-            f" --optimizer {TEACHER['optimizer']} --initial-lr {TEACHER['initial_lr']}"
-            f" --oversample-foreground {TEACHER['oversample_foreground']}"
-            + (
-                ""
-                if TEACHER["mirror_axes"] is None
-                else " --mirror-axes " + " ".join(str(a) for a in TEACHER["mirror_axes"])
-            )
-        ),
     shell:
-        "{params.py}.teacher configure {params.args} --base-plans {input:q}"
-        " {params.overrides} {params.schedule} --out {output:q} > {log:q} 2>&1"
+        "{params.py}.nnunet.teacher configure {params.args} --base-plans {input:q}"
+        " {params.plans} --output {output:q} > {log:q} 2>&1"
 
 
 rule teacher_train:
@@ -163,7 +129,7 @@ rule teacher_train:
         fold=TEACHER["fold"],
         device=config["device"],
     shell:
-        "{params.py}.teacher train {params.args} --fold {params.fold}"
+        "{params.py}.nnunet.teacher train {params.args} --fold {params.fold}"
         " --device {params.device} --threads {threads}"
         " --expect {output.checkpoint:q} > {log:q} 2>&1"
 
@@ -186,36 +152,32 @@ rule teacher_validation:
         runtime=TEACHER["runtime"],
     params:
         py=PY,
-        labels=json.dumps(config["labels"]),
+        label_map=LABEL_MAP,
         fold=TEACHER["fold"],
     shell:
-        "{params.py}.teacher validation --summary {input.summary:q}"
-        " --dataset-json {input.dataset:q} --label-map {params.labels:q}"
-        " --fold {params.fold} --out {output:q} > {log:q} 2>&1"
+        "{params.py}.nnunet.teacher validation --summary {input.summary:q}"
+        " --dataset-json {input.dataset:q} --label-map {params.label_map:q}"
+        " --fold {params.fold} --output {output:q} > {log:q} 2>&1"
 
 
-# Test-set predictions of the teacher (ablation table): one job per shard, the model loaded once per shard.
-# Shards are fixed when the workflow is parsed, so each is a rule of its own.
-for teacher_shard, teacher_shard_cases in test_shards(shard_size_of("teacher")).items():
+# Test-set predictions of the teacher (ablation table): one job per shard (prediction_shards in common.smk).
+for teacher_shard in prediction_shards(
+    "teacher_predict", prediction_dir("teacher"), shard_size_of("teacher")
+):
 
     rule:
         name:
-            f"teacher_predict_{teacher_shard}"
+            teacher_shard.name
         input:
             model=TEACHER_CHECKPOINT,
-            images=[TEST[case]["image"] for case in teacher_shard_cases],
+            images=teacher_shard.images,
         output:
-            predictions=[
-                os.path.join(prediction_dir("teacher"), f"{case}.nii.gz")
-                for case in teacher_shard_cases
-            ],
-            efficiency=os.path.join(
-                prediction_dir("teacher"), "efficiency", f"{teacher_shard}.tsv"
-            ),
+            predictions=teacher_shard.predictions,
+            efficiency=teacher_shard.efficiency,
         log:
-            log_path("teacher_predict", teacher_shard),
+            teacher_shard.log,
         benchmark:
-            bench_path("teacher_predict", teacher_shard)
+            teacher_shard.benchmark
         conda:
             "../envs/nnunet.yaml"
         threads: config["pseudo"]["threads"]
@@ -230,15 +192,15 @@ for teacher_shard, teacher_shard_cases in test_shards(shard_size_of("teacher")).
             tta="--tta" if config["pseudo"]["tta"] else "--no-tta",
             tta_batch=config["pseudo"]["tta_batch"],
             device=config["device"],
-            cases=" ".join(teacher_shard_cases),
-            labels=json.dumps(config["labels"]),
-            postprocess=json.dumps(config["postprocess"]),
+            cases=teacher_shard.cases,
+            label_map=LABEL_MAP,
+            postprocess=POSTPROCESS,
             interval=config["eval"]["gpu_sample_interval_s"],
         shell:
-            "{params.py}.nnunet_predict --models {params.model:q} --fold {params.fold}"
+            "{params.py}.nnunet.predict --models {params.model:q} --fold {params.fold}"
             " {params.tta} --tta-batch {params.tta_batch} --device {params.device} --threads {threads}"
             " --cases {params.cases} --images {input.images:q} --outputs {output.predictions:q}"
-            " --efficiency {output.efficiency:q} --labels {params.labels:q}"
+            " --efficiency {output.efficiency:q} --label-map {params.label_map:q}"
             " --postprocess {params.postprocess:q} --interval {params.interval} > {log:q} 2>&1"
 
 

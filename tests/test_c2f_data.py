@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from workflow_scripts import c2f_data as data
+from workflow_scripts.c2f import data
 
 
 def test_window_normalise_clips_and_scales_to_unit_range() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workflow_scripts.c2f_model import (AnisotropicResBlock, ContextBlock, EfficientSegNet, StudentSpec, autocast,
+from workflow_scripts.c2f.model import (AnisotropicResBlock, ContextBlock, EfficientSegNet, StudentSpec, autocast,
                                         load_model, save_model)
 
 C2F = {"window": [-325, 325], "coarse_size": [8, 16, 16], "fine_size": [12, 24, 20], "coarse_channels": [4, 8],

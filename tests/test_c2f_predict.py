@@ -11,11 +11,12 @@ import SimpleITK as sitk
 import torch
 from torch import nn
 
-from test_c2f_train import LABELS, POSTPROCESS
-from workflow_scripts import c2f_predict as predict
-from workflow_scripts.c2f_model import StudentSpec, save_model
-from workflow_scripts.postprocess import rules_from_config
-from workflow_scripts.volume_io import Geometry, read_label, write_volume
+from conftest import LABELS, POSTPROCESS
+from workflow_scripts.c2f import predict
+from workflow_scripts.evaluation.efficiency import EFFICIENCY_COLUMNS
+from workflow_scripts.c2f.model import StudentSpec, save_model
+from workflow_scripts.labels.postprocess import rules_from_config
+from workflow_scripts.io.volumes import Geometry, read_label, write_volume
 
 RULES = rules_from_config(POSTPROCESS, LABELS)
 C2F = {"window": [-325, 325], "coarse_size": [8, 12, 12], "fine_size": [12, 24, 20], "coarse_channels": [4, 8],
@@ -122,7 +123,7 @@ def _write_case(folder, case: str, shape=(8, 20, 16)) -> str:
 def _cli_args(tmp_path, cases, images, outputs) -> list[str]:
     return ["--model", str(tmp_path / "model.pt"), "--cases", *cases, "--images", *images, "--outputs", *outputs,
             "--efficiency", str(tmp_path / "eff.tsv"), "--boxes", str(tmp_path / "boxes.tsv"),
-            "--labels", json.dumps(LABELS),
+            "--label-map", json.dumps(LABELS),
             "--postprocess", json.dumps(POSTPROCESS), "--margin-mm", "20", "--interval", "0.01"]
 
 
@@ -135,7 +136,7 @@ def test_cli_predicts_a_shard_and_writes_one_efficiency_row_per_case(tmp_path) -
     for image, output in zip(images, outputs):
         assert read_label(output, "x")[1] == read_label(image, "x")[1]
     table = pd.read_csv(tmp_path / "eff.tsv", sep="\t")
-    assert list(table.columns) == predict.EFFICIENCY_COLUMNS
+    assert list(table.columns) == EFFICIENCY_COLUMNS
     assert table["Name"].tolist() == cases and table["ImageSize"].tolist() == ["16x20x8", "24x16x12"]
     assert (table["Time"] > 0).all() and (table["MaxGPU_Mem"] > 0).all()
     assert (table["MemoryKind"] == "rss").all()

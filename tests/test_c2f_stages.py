@@ -7,9 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from workflow_scripts import c2f_stages as stages
-from workflow_scripts.c2f_predict import BOX_COLUMNS, box_row
-from workflow_scripts.volume_io import Geometry, write_volume
+from workflow_scripts.evaluation import c2f_stages as stages
+from workflow_scripts.c2f.predict import BOX_COLUMNS, box_row
+from workflow_scripts.io.volumes import Geometry, write_volume
 
 LABELS = [{"id": 1, "name": "Liver", "kind": "organ"}, {"id": 2, "name": "Lesion", "kind": "lesion"}]
 GEOMETRY = Geometry((10, 10, 10), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
@@ -39,10 +39,10 @@ def test_cli_joins_the_shards_boxes_with_the_predictions(tmp_path) -> None:
     paths = [str(tmp_path / "gt.nii.gz")] * 2
     stages.main(["--cases", "a", "b", "--gt", *paths, "--pred", *[str(tmp_path / "pred.nii.gz")] * 2,
                  "--boxes", str(tmp_path / "boxes.tsv"), "--label-map", json.dumps(LABELS),
-                 "--out", str(tmp_path / "out.tsv")])
+                 "--output", str(tmp_path / "out.tsv")])
     table = pd.read_csv(tmp_path / "out.tsv", sep="\t")
     assert table["box"].tolist() == ["2:7 2:7 2:7", "whole volume"]
     assert table["box_holds_foreground"].all() and (table["organ_dsc_in_box"] == 1).all()
     with pytest.raises(SystemExit, match="'c'.*no box"):
         stages.main(["--cases", "c", "--gt", paths[0], "--pred", paths[0], "--boxes", str(tmp_path / "boxes.tsv"),
-                     "--label-map", json.dumps(LABELS), "--out", str(tmp_path / "x.tsv")])
+                     "--label-map", json.dumps(LABELS), "--output", str(tmp_path / "x.tsv")])

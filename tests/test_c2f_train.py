@@ -10,16 +10,15 @@ import pandas as pd
 import pytest
 import torch
 
-from workflow_scripts import c2f_train as train_mod
-from workflow_scripts.c2f_data import IGNORE_INDEX
-from workflow_scripts.c2f_model import StudentSpec
-from workflow_scripts.c2f_predict import Student, predict_case
-from workflow_scripts.postprocess import rules_from_config
-from workflow_scripts.volume_io import CaseError, Geometry, read_label, write_volume
+from conftest import LABELS, POSTPROCESS
+from workflow_scripts.c2f import train as train_mod
+from workflow_scripts.io import manifest
+from workflow_scripts.c2f.data import IGNORE_INDEX
+from workflow_scripts.c2f.model import StudentSpec
+from workflow_scripts.c2f.predict import Student, predict_case
+from workflow_scripts.labels.postprocess import rules_from_config
+from workflow_scripts.io.volumes import CaseError, Geometry, read_label, write_volume
 
-LABELS = [{"id": 1, "name": "Liver", "kind": "organ"}, {"id": 2, "name": "Spleen", "kind": "organ"},
-          {"id": 3, "name": "Lesion", "kind": "lesion"}]
-POSTPROCESS = {"organ": {"keep_largest": 1, "min_size_mm3": 0}, "lesion": {"keep_largest": 0, "min_size_mm3": 10}}
 TINY_C2F = {
     "coarse_size": [8, 16, 16], "fine_size": [16, 32, 32], "window": [-325, 325], "margin_mm": 20,
     "train_margin_max_mm": 40, "channels": [8, 16], "coarse_channels": [4, 8], "inplane_pool_levels": 1,
@@ -49,7 +48,7 @@ def write_blob_case(folder: Path, case: str = "blobs", shape=(16, 32, 32), spaci
 
 def write_manifest(path: Path, cases: list[train_mod.TrainingCase]) -> None:
     """The table rule student_manifest writes."""
-    pd.DataFrame([vars(c) for c in cases]).to_csv(path, sep="\t", index=False)
+    manifest.write_manifest(path, [c.case for c in cases], [c.image for c in cases], [c.label for c in cases])
 
 
 def run_training(case: train_mod.TrainingCase, work: Path, **overrides) -> list[dict]:

@@ -14,11 +14,11 @@ from scipy import ndimage
 from snakemake.utils import validate
 
 from conftest import REPO, TINY_CONFIG, run_workflow
-from workflow_scripts import demo_anatomy
-from workflow_scripts.demo_dataset import (DemoParams, case_files, flare_ids, generate_case, generate_dataset,
+from workflow_scripts.demo import anatomy as demo_anatomy
+from workflow_scripts.demo.dataset import (DemoParams, case_files, flare_ids, generate_case, generate_dataset,
                                            main)
-from workflow_scripts.demo_plan import KINDS, dataset_json_path, kind_counts, plan, truth_path
-from workflow_scripts.volume_io import CaseError, read_label, read_volume
+from workflow_scripts.demo.plan import KINDS, dataset_json_path, kind_counts, plan, truth_path
+from workflow_scripts.io.volumes import CaseError, read_label, read_volume
 
 SCHEMA = REPO / "config" / "schema.yaml"
 

@@ -5,7 +5,7 @@ import time
 
 import numpy as np
 
-from workflow_scripts.efficiency import ResourceSampler
+from workflow_scripts.evaluation.efficiency import ResourceSampler
 
 
 def test_cpu_sampling_reports_rss_and_consistent_area() -> None:

@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from workflow_scripts import ablation, efficiency_report, evaluate
-from workflow_scripts.metrics import case_metrics, class_specs
-from workflow_scripts.volume_io import CaseError, Geometry, write_volume
+from workflow_scripts.evaluation import ablation, efficiency_report, evaluate
+from workflow_scripts.evaluation.metrics import case_metrics, class_specs
+from workflow_scripts.io.volumes import CaseError, Geometry, write_volume
 
 LABELS = [
     {"id": 1, "name": "Liver", "kind": "organ", "nsd_tolerance_mm": 5},
@@ -99,7 +99,7 @@ def test_cli_writes_metrics_and_summary(tmp_path, cases):
     names = list(cases)
     out_metrics, out_summary = tmp_path / "eval" / "metrics.tsv", tmp_path / "eval" / "summary.tsv"
     evaluate.main(["--cases", *names, "--gt", *[cases[c][0] for c in names], "--pred", *[cases[c][1] for c in names],
-                   "--labels", json.dumps(LABELS), "--z-crop-classes", "--nsd-zero-below-dsc", "none",
+                   "--label-map", json.dumps(LABELS), "--z-crop-classes", "--nsd-zero-below-dsc", "none",
                    "--metrics", str(out_metrics), "--summary", str(out_summary)])
     metrics = pd.read_csv(out_metrics, sep="\t")
     summary = pd.read_csv(out_summary, sep="\t")

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from workflow_scripts import figures
-from workflow_scripts.volume_io import Geometry, write_volume
+from workflow_scripts.evaluation import figures
+from workflow_scripts.io.volumes import Geometry, write_volume
 
 LABELS = [
     {"id": 1, "name": "Liver", "kind": "organ", "nsd_tolerance_mm": 5},
@@ -90,7 +90,7 @@ def test_qualitative_cli_renders_best_and_worst(tmp_path, capsys):
     rank = tmp_path / "metrics.tsv"
     TABLE.to_csv(rank, sep="\t", index=False)
     out = tmp_path / "report" / "qualitative.png"
-    figures.main(["--dpi", "50", "qualitative", "--rank-metrics", str(rank), "--labels", json.dumps(LABELS),
+    figures.main(["--dpi", "50", "qualitative", "--rank-metrics", str(rank), "--label-map", json.dumps(LABELS),
                   "--cases", *cases, "--images", *images, "--gt", *gts, "--experiments", "baseline", "two_stage",
                   "--pred-dirs", str(tmp_path / "baseline"), str(tmp_path / "two_stage"),
                   "--window", "-160", "240", "--output", str(out)])

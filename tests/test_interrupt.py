@@ -20,17 +20,15 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import REPO, run_workflow
-from test_reruns import (  # noqa: F401 (shared fixtures)
-    completed_run,
+from conftest import (
+    REPO,
     copy_run,
     executed_rules,
     file_states,
     output_of,
     planned_jobs,
-    raw_config,
-    raw_dataset,
     raw_states,
+    run_workflow,
 )
 
 KILL_TIMEOUT_S = 600

@@ -5,8 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from workflow_scripts import label_quality as lq
-from workflow_scripts.volume_io import Geometry, write_volume
+from workflow_scripts.evaluation import label_quality as lq
+from workflow_scripts.io.volumes import Geometry, write_volume
 
 LABELS = [{"id": 1, "name": "Liver", "kind": "organ"}, {"id": 2, "name": "Spleen", "kind": "organ"},
           {"id": 3, "name": "Kidney", "kind": "organ"}, {"id": 4, "name": "Lesion", "kind": "lesion"}]
@@ -55,7 +55,7 @@ def test_cli_reads_annotated_classes_from_the_split_and_names_a_mismatched_case(
                                                                                    index=False)
     import json
     lq.main(["--cases", "c", "--truth", str(tmp_path / "t.nii.gz"), "--labels", str(tmp_path / "m.nii.gz"),
-             "--split", str(tmp_path / "split.tsv"), "--label-map", json.dumps(LABELS), "--out",
+             "--split", str(tmp_path / "split.tsv"), "--label-map", json.dumps(LABELS), "--output",
              str(tmp_path / "out.tsv")])
     table = pd.read_csv(tmp_path / "out.tsv", sep="\t")
     assert dict(zip(table["name"], table["source"])) == {"Liver": "annotated", "Spleen": "filled",
@@ -64,5 +64,5 @@ def test_cli_reads_annotated_classes_from_the_split_and_names_a_mismatched_case(
     write_volume(tmp_path / "bad.nii.gz", truth, other)
     with pytest.raises(SystemExit, match=r"'c'.*bad\.nii\.gz"):
         lq.main(["--cases", "c", "--truth", str(tmp_path / "t.nii.gz"), "--labels", str(tmp_path / "bad.nii.gz"),
-                 "--label-map", json.dumps(LABELS), "--out", str(tmp_path / "bad.tsv")])
+                 "--label-map", json.dumps(LABELS), "--output", str(tmp_path / "bad.tsv")])
     assert not (tmp_path / "bad.tsv").exists()

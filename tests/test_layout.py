@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from workflow_scripts.demo_plan import kind_counts, plan
-from workflow_scripts.layout import discover_cases
-from workflow_scripts.volume_io import CaseError
+from workflow_scripts.demo.plan import kind_counts, plan
+from workflow_scripts.io.layout import discover_cases
+from workflow_scripts.io.volumes import CaseError
 
 
 def touch(path: Path) -> None:

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from workflow_scripts import learning_curves as lc
+from workflow_scripts.evaluation import learning_curves as lc
 
 LABELS = [{"id": 1, "name": "Liver", "kind": "organ"}, {"id": 2, "name": "Spleen", "kind": "organ"},
           {"id": 3, "name": "Lesion", "kind": "lesion"}]
@@ -23,7 +23,7 @@ def test_teacher_and_student_logs_become_one_table_and_a_figure(tmp_path) -> Non
                   "val_dice_fine_3": [0.0, 0.3, 0.7]}).to_csv(tmp_path / "log.tsv", sep="\t", index=False)
     lc.main(["--teacher", str(tmp_path / "checkpoint_final.pth"), "--teacher-classes", "1", "2",
              "--students", f"two_stage={tmp_path / 'log.tsv'}", "--label-map", json.dumps(LABELS),
-             "--table", str(tmp_path / "curves.tsv"), "--figure", str(tmp_path / "curves.png")])
+             "--output-table", str(tmp_path / "curves.tsv"), "--output-figure", str(tmp_path / "curves.png")])
     table = pd.read_csv(tmp_path / "curves.tsv", sep="\t")
     assert table["model"].tolist() == ["teacher"] * 2 + ["two_stage"] * 3
     teacher = table[table["model"] == "teacher"]

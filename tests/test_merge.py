@@ -17,12 +17,11 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from conftest import REPO
-from workflow_scripts.merge import (
+from workflow_scripts.labels.merge import (
     TABLE_COLUMNS,
     LabelValuesError,
     MergeSettings,
     case_table,
-    ignore_label,
     input_flags,
     main,
     merge_labels,
@@ -31,7 +30,8 @@ from workflow_scripts.merge import (
     settings_from_config,
     value_counts,
 )
-from workflow_scripts.volume_io import CaseError
+from workflow_scripts.io.label_map import ignore_label
+from workflow_scripts.io.volumes import CaseError
 
 # a small FLARE-like label map: organs 1-5, lesion 6; the teacher predicts organs only
 LABELS = [{"id": i, "name": f"Organ{i}", "kind": "organ"} for i in range(1, 6)] + [
@@ -249,8 +249,8 @@ def case_files(tmp_path: Path, weak: np.ndarray | None, pseudo: np.ndarray | Non
 
 
 def cli_args(files: dict[str, Path], out: Path, *extra: str) -> list[str]:
-    args = ["case", "--case", "case_01", "--labels", json.dumps(LABELS), "--fill-classes", *map(str, ORGANS),
-            "--out-label", str(out / "case_01.nii.gz"), "--out-table", str(out / "case_01.tsv"), *extra]
+    args = ["case", "--case", "case_01", "--label-map", json.dumps(LABELS), "--fill-classes", *map(str, ORGANS),
+            "--output-label", str(out / "case_01.nii.gz"), "--output-table", str(out / "case_01.tsv"), *extra]
     for name, path in files.items():
         args += [f"--{name}", str(path)]
     return args
@@ -398,7 +398,7 @@ def test_cli_failure_exits_nonzero_with_a_clear_message_and_leaves_no_output(tmp
     files = case_files(tmp_path, weak, pseudo, confidence)
     files["confidence"].write_bytes(b"not a volume")  # corrupt after the fact
     out = tmp_path / "merged"
-    proc = subprocess.run([sys.executable, "-m", "workflow_scripts.merge", *cli_args(files, out)], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "workflow_scripts.labels.merge", *cli_args(files, out)], cwd=REPO,
                           capture_output=True, text=True)
     assert proc.returncode == 1
     assert "case 'case_01'" in proc.stderr and str(files["confidence"]) in proc.stderr

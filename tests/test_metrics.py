@@ -10,7 +10,7 @@ from scipy import ndimage
 from surface_distance import lookup_tables as reference_tables
 from surface_distance import metrics as reference
 
-from workflow_scripts.metrics import (
+from workflow_scripts.evaluation.metrics import (
     ClassSpec,
     case_metrics,
     class_metrics,

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 import tiny_nnunet as tn
-from workflow_scripts import teacher
-from workflow_scripts.nnunet_ext import configure_environment
+from workflow_scripts.nnunet import training
+from workflow_scripts.nnunet.ext import configure_environment
 
 configure_environment(None, 1)  # before nnU-Net is imported
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor  # noqa: E402
 
-from workflow_scripts.nnunet_mirroring import BatchedMirroringPredictor, mirrorings  # noqa: E402
+from workflow_scripts.nnunet.mirroring import BatchedMirroringPredictor, mirrorings  # noqa: E402
 
 
 class CountingNet(torch.nn.Module):
@@ -103,14 +103,14 @@ def test_final_validation_of_the_trainer_batches_the_mirrorings(tmp_path, monkey
     configure_environment(prepared["root"], 1)
     from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as trainer_module
 
-    from workflow_scripts.nnunet_ext.configurable_trainer import nnUNetTrainerConfigurable
+    from workflow_scripts.nnunet.ext.configurable_trainer import nnUNetTrainerConfigurable
 
     calls = []
     batched = BatchedMirroringPredictor._internal_maybe_mirror_and_predict
     monkeypatch.setattr(BatchedMirroringPredictor, "_internal_maybe_mirror_and_predict",
                         lambda self, x: calls.append(self.mirror_batch) or batched(self, x))
     trainer = nnUNetTrainerConfigurable({**prepared["plans"], "continue_training": False},
-                                        teacher.custom_configuration(tn.CONFIGURATION), "all", prepared["dataset"],
+                                        training.custom_configuration(tn.CONFIGURATION), "all", prepared["dataset"],
                                         device=torch.device("cpu"))
     trainer.initialize()
     trainer.output_folder = str(tmp_path / "out")

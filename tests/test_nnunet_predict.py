@@ -11,8 +11,9 @@ import pytest
 import SimpleITK as sitk
 
 import tiny_nnunet as tn
-from workflow_scripts import nnunet_predict as npred
-from workflow_scripts.volume_io import CaseError, read_volume
+from workflow_scripts.evaluation.efficiency import EFFICIENCY_COLUMNS
+from workflow_scripts.nnunet import predict as npred
+from workflow_scripts.io.volumes import CaseError, read_volume
 
 LABELS = [{"id": i, "name": n, "kind": "lesion" if i == 14 else "organ"} for i, n in tn.LABEL_NAMES.items()]
 NO_CLEANUP = {"organ": {"keep_largest": 0, "min_size_mm3": 0}, "lesion": {"keep_largest": 0, "min_size_mm3": 0}}
@@ -117,7 +118,7 @@ def test_shard_writes_exact_geometry_and_efficiency_rows(ensemble, oblique_case,
     outputs = {"obl": str(tmp_path / "obl.nii.gz"), "c0": str(tmp_path / "c0.nii.gz")}
     write = npred.cleaned_label_writer(outputs, NO_CLEANUP, LABELS)
     table = npred.predict_shard(ensemble, ["obl", "c0"], [oblique_case, model["cases"][0].image], write)
-    assert list(table.columns) == npred.EFFICIENCY_COLUMNS and table["Name"].tolist() == ["obl", "c0"]
+    assert list(table.columns) == EFFICIENCY_COLUMNS and table["Name"].tolist() == ["obl", "c0"]
     assert table.loc[0, "ImageSize"] == "28x30x20" and (table["Time"] > 0).all()
     source, written = sitk.ReadImage(oblique_case), sitk.ReadImage(outputs["obl"])
     assert written.GetPixelID() == sitk.sitkUInt8
@@ -145,7 +146,7 @@ def test_missing_model_is_a_clear_error(tmp_path, model):
         npred.load_ensemble([model["model"]], 0, "cpu", tta=True)
     argv = ["--models", str(tmp_path / "nothing"), "--fold", "all", "--cases", "a", "--images", "a.nii.gz",
             "--outputs", str(tmp_path / "a.nii.gz"), "--efficiency", str(tmp_path / "e.tsv"),
-            "--labels", json.dumps(LABELS), "--postprocess", json.dumps(NO_CLEANUP)]
+            "--label-map", json.dumps(LABELS), "--postprocess", json.dumps(NO_CLEANUP)]
     with pytest.raises(SystemExit, match="error: nnU-Net model .*nothing is incomplete"):
         npred.main(argv)
     assert not (tmp_path / "e.tsv").exists()
@@ -157,7 +158,7 @@ def test_bad_image_names_case_and_file_and_writes_nothing(ensemble, tmp_path, mo
     argv = ["--models", str(model["model"]), "--fold", "all", "--cases", "good", "broken",
             "--images", model["cases"][0].image, str(broken),
             "--outputs", str(tmp_path / "good.nii.gz"), str(tmp_path / "broken.nii.gz"),
-            "--efficiency", str(tmp_path / "e.tsv"), "--labels", json.dumps(LABELS),
+            "--efficiency", str(tmp_path / "e.tsv"), "--label-map", json.dumps(LABELS),
             "--postprocess", json.dumps(NO_CLEANUP)]
     with pytest.raises(SystemExit, match=r"broken.*broken_0000\.nii\.gz"):
         npred.main(argv)
@@ -172,7 +173,7 @@ def test_cli_writes_cleaned_predictions(model, tmp_path):
     postprocess = {"organ": {"keep_largest": 1, "min_size_mm3": 0}, "lesion": {"keep_largest": 0, "min_size_mm3": 0}}
     npred.main(["--models", str(model["model"]), "--fold", "all", "--no-tta", "--cases", *[c.case for c in cases],
                 "--images", *[c.image for c in cases], "--outputs", *outputs, "--efficiency", str(tmp_path / "e.tsv"),
-                "--labels", json.dumps(LABELS), "--postprocess", json.dumps(postprocess), "--interval", "0.01"])
+                "--label-map", json.dumps(LABELS), "--postprocess", json.dumps(postprocess), "--interval", "0.01"])
     table = pd.read_csv(tmp_path / "e.tsv", sep="\t")
     assert table["Name"].tolist() == [c.case for c in cases] and set(table["MemoryKind"]) == {"rss"}
     import cc3d

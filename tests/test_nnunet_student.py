@@ -12,11 +12,12 @@ import SimpleITK as sitk
 import yaml
 from conftest import TINY_CONFIG, run_workflow
 
-from workflow_scripts import nnunet_student as ns
-from workflow_scripts.nnunet_ext import configure_environment
-from workflow_scripts.nnunet_predict import _preprocessing_key, _probabilities, load_ensemble, predict_volume
-from workflow_scripts.teacher import custom_configuration, custom_plans_identifier
-from workflow_scripts.volume_io import read_volume
+from workflow_scripts.io.manifest import TrainingCase, read_manifest, write_manifest
+from workflow_scripts.nnunet import student as ns
+from workflow_scripts.nnunet.ext import configure_environment
+from workflow_scripts.nnunet.predict import _preprocessing_key, _probabilities, load_ensemble, predict_volume
+from workflow_scripts.nnunet.training import custom_configuration, custom_plans_identifier
+from workflow_scripts.io.volumes import read_volume
 
 LABELS = [
     {"id": 1, "name": "liver", "kind": "organ"},
@@ -35,7 +36,7 @@ def _write(array: np.ndarray, path: Path) -> str:
     return str(path)
 
 
-def _case(folder: Path, name: str, seed: int, with_ignore: bool) -> ns.TrainingCase:
+def _case(folder: Path, name: str, seed: int, with_ignore: bool) -> TrainingCase:
     """A tiny CT-like case: two bright 'organs' and a 'lesion'; optionally an ignore band."""
     rng = np.random.default_rng(seed)
     label = np.zeros(SHAPE, np.uint8)
@@ -46,7 +47,7 @@ def _case(folder: Path, name: str, seed: int, with_ignore: bool) -> ns.TrainingC
         label[:, :2, :] = IGNORE
     image = rng.normal(-800, 20, SHAPE) + np.choose(label, [0, 860, 830, 900, 0])
     folder.mkdir(parents=True, exist_ok=True)
-    return ns.TrainingCase(name, _write(image.astype(np.float32), folder / f"{name}_0000.nii.gz"),
+    return TrainingCase(name, _write(image.astype(np.float32), folder / f"{name}_0000.nii.gz"),
                            _write(label, folder / f"{name}.nii.gz"))
 
 
@@ -111,9 +112,9 @@ def test_dataset_rejects_ignore_values_when_not_declared(tmp_path):
         ns.build_student_dataset([case], tmp_path / "raw" / "Dataset951_x", LABELS, with_ignore=False)
     assert not (tmp_path / "raw" / "Dataset951_x" / "dataset.json").exists()
     manifest = tmp_path / "train_cases.tsv"
-    ns.write_manifest(manifest, [case.case], [case.image], [case.label])
+    write_manifest(manifest, [case.case], [case.image], [case.label])
     with pytest.raises(SystemExit, match=r"case 'bad' \(file .*bad.nii.gz\).*\[4\]"):
-        ns.main(["dataset", "--manifest", str(manifest), "--labels", json.dumps(LABELS), "--out",
+        ns.main(["dataset", "--manifest", str(manifest), "--label-map", json.dumps(LABELS), "--output",
                  str(tmp_path / "raw" / "Dataset951_x")])
 
 
@@ -130,18 +131,18 @@ def test_dataset_rebuild_drops_cases_no_longer_listed(tmp_path):
 def test_dataset_cli_from_manifest(tmp_path):
     cases = [_case(tmp_path / "data", f"c{i}", i, with_ignore=True) for i in range(2)]
     manifest = tmp_path / "train_cases.tsv"
-    ns.write_manifest(manifest, [c.case for c in cases], [c.image for c in cases], [c.label for c in cases])
+    write_manifest(manifest, [c.case for c in cases], [c.image for c in cases], [c.label for c in cases])
     out = tmp_path / "raw" / "Dataset953_cli"
-    ns.main(["dataset", "--manifest", str(manifest), "--labels", json.dumps(LABELS), "--ignore", "--out", str(out)])
+    ns.main(["dataset", "--manifest", str(manifest), "--label-map", json.dumps(LABELS), "--ignore", "--output", str(out)])
     dataset = json.loads((out / "dataset.json").read_text())
     assert dataset["numTraining"] == 2 and dataset["labels"]["ignore"] == IGNORE
 
 
 def test_manifest_round_trip(tmp_path):
-    ns.write_manifest(tmp_path / "m.tsv", ["a", "b"], ["ia", "ib"], ["la", "lb"])
-    assert ns.read_manifest(tmp_path / "m.tsv") == [ns.TrainingCase("a", "ia", "la"), ns.TrainingCase("b", "ib", "lb")]
+    write_manifest(tmp_path / "m.tsv", ["a", "b"], ["ia", "ib"], ["la", "lb"])
+    assert read_manifest(tmp_path / "m.tsv") == [TrainingCase("a", "ia", "la"), TrainingCase("b", "ib", "lb")]
     with pytest.raises(ValueError, match="lengths differ"):
-        ns.write_manifest(tmp_path / "n.tsv", ["a"], ["ia", "ib"], ["la"])
+        write_manifest(tmp_path / "n.tsv", ["a"], ["ia", "ib"], ["la"])
 
 
 def test_student_plans_one_configuration_per_batch_size(planned):
@@ -160,7 +161,7 @@ def test_trainer_draws_batches_of_the_configured_size(planned, batch):
     """The batch nnU-Net's data loader really yields, not just the number in the plans."""
     configure_environment(planned["root"], 1, augmentation_workers=0)
     import torch
-    from workflow_scripts.nnunet_ext.configurable_trainer import nnUNetTrainerConfigurable
+    from workflow_scripts.nnunet.ext.configurable_trainer import nnUNetTrainerConfigurable
 
     configuration = custom_configuration(ns.batch_configuration("3d_fullres", batch))
     plans = {**planned["plans"], "continue_training": False}  # what nnU-Net's run_training adds

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from workflow_scripts.postprocess import ComponentRule, clean_components, rules_from_config
+from workflow_scripts.labels.postprocess import ComponentRule, clean_components, rules_from_config
 
 LABELS = [{"id": 1, "name": "Liver", "kind": "organ"}, {"id": 2, "name": "Spleen", "kind": "organ"},
           {"id": 14, "name": "Lesion", "kind": "lesion"}]

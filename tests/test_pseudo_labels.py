@@ -12,9 +12,9 @@ import pytest
 import SimpleITK as sitk
 
 import tiny_nnunet as tn
-from workflow_scripts import pseudo_labels as pl
-from workflow_scripts.postprocess import ComponentRule
-from workflow_scripts.volume_io import Geometry
+from workflow_scripts.labels import pseudo as pl
+from workflow_scripts.labels.postprocess import ComponentRule
+from workflow_scripts.io.volumes import Geometry
 
 LABELS = [{"id": i, "name": n, "kind": "lesion" if i == 14 else "organ"} for i, n in tn.LABEL_NAMES.items()]
 POSTPROCESS = {"organ": {"keep_largest": 1, "min_size_mm3": 0}, "lesion": {"keep_largest": 0, "min_size_mm3": 10}}
@@ -76,7 +76,7 @@ def test_written_pseudo_label_is_cleaned_and_keeps_geometry(tmp_path):
 
 def _shard_argv(model: dict, cases, images, out: Path) -> list[str]:
     return ["--models", str(model["model"]), "--fold", "all", "--cases", *cases, "--images", *images,
-            "--labels", json.dumps(LABELS), "--postprocess", json.dumps(POSTPROCESS), "--out", str(out)]
+            "--label-map", json.dumps(LABELS), "--postprocess", json.dumps(POSTPROCESS), "--output", str(out)]
 
 
 def test_shard_cli_writes_every_case_and_its_confidence(tmp_path_factory, tmp_path):

@@ -13,14 +13,15 @@ import SimpleITK as sitk
 import yaml
 
 from conftest import run_workflow
-from workflow_scripts import qc
-from workflow_scripts.layout import discover_cases
-from workflow_scripts.volume_io import CaseError
+from workflow_scripts.ingest import qc
+from workflow_scripts.io.label_map import LabelClass, label_classes, parse_label_map
+from workflow_scripts.io.layout import discover_cases
+from workflow_scripts.io.volumes import CaseError
 
 SHAPE = (8, 16, 16)  # z, y, x
 SPACING = (1.0, 1.0, 2.0)  # x, y, z
 LABEL_IDS = list(range(1, 15))
-LABEL_MAP = [f"{i}:C{i}:{'lesion' if i == 14 else 'organ'}" for i in LABEL_IDS]
+LABEL_MAP = json.dumps([{"id": i, "name": f"C{i}", "kind": "lesion" if i == 14 else "organ"} for i in LABEL_IDS])
 
 
 def write(path: Path, array: np.ndarray, spacing=SPACING, origin=(0.0, 0.0, 0.0), direction=None,
@@ -160,7 +161,7 @@ BAD_KINDS: dict[str, tuple[Callable[[Path, str], None], str, str]] = {
 
 def cli_args(root: Path, case: str, on_error: str, output: Path) -> list[str]:
     image, label = paths(root, case)
-    args = ["case", "--case", case, "--image", str(image), "--label-map", *LABEL_MAP, "--on-error", on_error,
+    args = ["case", "--case", case, "--image", str(image), "--label-map", LABEL_MAP, "--on-error", on_error,
             "--spacing-tolerance", "1e-3", "--origin-tolerance-mm", "1e-2", "--direction-tolerance", "1e-4",
             "--output", str(output)]
     return args + (["--label", str(label)] if label.exists() else [])
@@ -195,11 +196,11 @@ def test_good_cases_pass_and_record_geometry_and_values(tmp_path: Path) -> None:
     make_good(tmp_path, "strong")
     make_good(tmp_path, "none", classes=None)
     image, label = paths(tmp_path, "strong")
-    record, problems = qc.check_case("strong", str(image), str(label), LABEL_IDS, qc.Tolerances())
+    record, problems = qc.check_case("strong", str(image), str(label), LABEL_IDS, {})
     assert not problems and record["status"] == "ok" and record["reasons"] == []
     assert record["label"]["values"] == list(range(15))
     assert record["image"]["size"] == [16, 16, 8] and record["image"]["spacing"] == list(SPACING)
-    record, problems = qc.check_case("none", str(paths(tmp_path, "none")[0]), None, LABEL_IDS, qc.Tolerances())
+    record, problems = qc.check_case("none", str(paths(tmp_path, "none")[0]), None, LABEL_IDS, {})
     assert not problems and record["label"] is None and not record["has_label"]
 
 
@@ -207,9 +208,9 @@ def test_geometry_within_tolerance_is_accepted(tmp_path: Path) -> None:
     image, label = paths(tmp_path, "c")
     write(image, good_image())
     write(label, block_label([1]), spacing=(1.0, 1.0, 2.0005), origin=(0.0, 0.005, 0.0))
-    _, problems = qc.check_case("c", str(image), str(label), LABEL_IDS, qc.Tolerances())
+    _, problems = qc.check_case("c", str(image), str(label), LABEL_IDS, {})
     assert not problems
-    _, problems = qc.check_case("c", str(image), str(label), LABEL_IDS, qc.Tolerances(spacing_rtol=1e-5))
+    _, problems = qc.check_case("c", str(image), str(label), LABEL_IDS, {"spacing_rtol": 1e-5})
     assert len(problems) == 1
     assert problems[0].reason.startswith("label does not match the image's voxel grid: image spacing (1.0, 1.0, 2.0)")
 
@@ -220,7 +221,7 @@ def test_independent_problems_are_all_reported(tmp_path: Path) -> None:
     values = block_label([1])
     values[0, 0, 0] = 99
     write(label, values, origin=(3.0, 0.0, 0.0))
-    record, problems = qc.check_case("c", str(image), str(label), LABEL_IDS, qc.Tolerances())
+    record, problems = qc.check_case("c", str(image), str(label), LABEL_IDS, {})
     assert len(problems) == 3 and record["status"] == "rejected"
     assert [p["file"] for p in record["problems"]] == [str(image), str(label), str(label)]
 
@@ -229,23 +230,23 @@ def test_image_problems_are_kept_when_the_label_is_unusable(tmp_path: Path) -> N
     bad_nan_image(tmp_path, "c")
     image, label = paths(tmp_path, "c")
     write(label, block_label([1]).astype(np.float32) * 0.5)
-    _, problems = qc.check_case("c", str(image), str(label), LABEL_IDS, qc.Tolerances())
+    _, problems = qc.check_case("c", str(image), str(label), LABEL_IDS, {})
     assert [p.path for p in problems] == [str(image), str(label)]
     assert "NaN" in problems[0].reason and "integer voxel type" in problems[1].reason
 
 
 def test_missing_file_is_rejected(tmp_path: Path) -> None:
     image, label = paths(tmp_path, "c")
-    _, problems = qc.check_case("c", str(image), str(label), LABEL_IDS, qc.Tolerances())
+    _, problems = qc.check_case("c", str(image), str(label), LABEL_IDS, {})
     assert [str(p) for p in problems] == [f"case 'c' (file {image}): file does not exist"]
     write(image, good_image())
-    _, problems = qc.check_case("c", str(image), str(label), LABEL_IDS, qc.Tolerances())
+    _, problems = qc.check_case("c", str(image), str(label), LABEL_IDS, {})
     assert [str(p) for p in problems] == [f"case 'c' (file {label}): file does not exist"]
 
 
 @pytest.mark.parametrize("case", ["with space", "a/b", "..x", "tab\tcase"])
 def test_bad_case_ids_are_rejected(case: str, tmp_path: Path) -> None:
-    _, problems = qc.check_case(case, str(tmp_path / "x_0000.nii.gz"), None, LABEL_IDS, qc.Tolerances())
+    _, problems = qc.check_case(case, str(tmp_path / "x_0000.nii.gz"), None, LABEL_IDS, {})
     assert len(problems) == 1 and "invalid case id" in problems[0].reason
 
 
@@ -261,10 +262,12 @@ def test_discovery_rejects_bad_ids_and_orphan_labels(tmp_path: Path) -> None:
 
 
 def test_parse_label_map_rejects_malformed_items() -> None:
-    assert qc.parse_label_map(["1:Liver:organ", "14:Lesion:lesion"])[14] == qc.LabelClass(14, "Lesion", "lesion")
-    for spec in ["1:Liver", "x:Liver:organ", "1:Liver:bone"]:
-        with pytest.raises(ValueError, match="ID:NAME"):
-            qc.parse_label_map([spec])
+    entries = parse_label_map('[{"id": 1, "name": "Liver", "kind": "organ"}, {"id": 14, "name": "Lesion", "kind": "lesion"}]')
+    assert label_classes(entries)[14] == LabelClass(14, "Lesion", "lesion")
+    for spec in ['[{"id": 1, "name": "Liver"}]', '[{"id": "x", "name": "Liver", "kind": "organ"}]',
+                 '[{"id": 1, "name": "Liver", "kind": "bone"}]', "1:Liver:organ", "[]"]:
+        with pytest.raises(ValueError, match="label map"):
+            parse_label_map(spec)
 
 
 def test_present_values_handles_negative_and_large_values() -> None:

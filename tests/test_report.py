@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from conftest import run_workflow
 
-from workflow_scripts.volume_io import read_label, write_volume
+from workflow_scripts.io.volumes import read_label, write_volume
 
 EXPERIMENTS = {"teacher": "results/teacher/pred", "two_stage": "results/student/two_stage/pred",
                "baseline": "results/student/baseline/pred"}

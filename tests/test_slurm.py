@@ -16,14 +16,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, run_workflow
-from test_reruns import (  # noqa: F401 (shared fixtures)
+from conftest import (
     DETERMINISTIC,
-    completed_run,
+    REPO,
     file_states,
     planned_jobs,
-    raw_config,
-    raw_dataset,
+    run_workflow,
 )
 
 CLUSTER = REPO / "tests" / "slurm" / "cluster.sh"

@@ -1,15 +1,16 @@
 """Split: strong / weak / unlabeled by the classes each accepted case annotates."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from workflow_scripts import split
+from workflow_scripts.ingest import split
 
 ORGANS = list(range(1, 14))
-LABEL_MAP = [f"{i}:C{i}:{'lesion' if i == 14 else 'organ'}" for i in range(1, 15)]
+LABEL_MAP = json.dumps([{"id": i, "name": f"C{i}", "kind": "lesion" if i == 14 else "organ"} for i in range(1, 15)])
 
 
 @pytest.mark.parametrize("classes, category", [
@@ -54,7 +55,7 @@ def write_inputs(tmp_path: Path, stats_rows, accepted) -> tuple[Path, Path]:
 def run_cli(tmp_path: Path, accepted_tsv: Path, stats_tsv: Path, requires=ORGANS) -> tuple[int, Path]:
     output = tmp_path / "split" / "split.tsv"
     code = split.main(["--accepted", str(accepted_tsv), "--label-stats", str(stats_tsv), "--strong-requires",
-                       *map(str, requires), "--label-map", *LABEL_MAP, "--output", str(output)])
+                       *map(str, requires), "--label-map", LABEL_MAP, "--output", str(output)])
     return code, output
 
 

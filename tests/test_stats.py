@@ -13,12 +13,12 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from scipy import ndimage
 
-from workflow_scripts import stats
-from workflow_scripts.qc import parse_label_map
-from workflow_scripts.volume_io import CaseError
+from workflow_scripts.ingest import stats
+from workflow_scripts.io.label_map import label_classes
+from workflow_scripts.io.volumes import CaseError
 
-CLASSES = parse_label_map([f"{i}:C{i}:{'lesion' if i == 14 else 'organ'}" for i in range(1, 15)])
-LABEL_MAP_ARGS = [f"{i}:{c.name}:{c.kind}" for i, c in CLASSES.items()]
+LABEL_MAP = [{"id": i, "name": f"C{i}", "kind": "lesion" if i == 14 else "organ"} for i in range(1, 15)]
+CLASSES = label_classes(LABEL_MAP)
 STRUCTURES = {6: ndimage.generate_binary_structure(3, 1), 18: ndimage.generate_binary_structure(3, 2),
               26: np.ones((3, 3, 3), bool)}
 
@@ -110,7 +110,7 @@ def test_case_cli_writes_table_with_volume_from_spacing(tmp_path: Path) -> None:
     write_label(tmp_path / "c1.nii.gz", label)
     output = tmp_path / "cases" / "c1.tsv"
     args = ["case", "--case", "c1", "--label", str(tmp_path / "c1.nii.gz"), "--qc", str(write_qc(tmp_path / "c1.json")),
-            "--label-map", *LABEL_MAP_ARGS, "--connectivity", "26", "--output", str(output)]
+            "--label-map", json.dumps(LABEL_MAP), "--connectivity", "26", "--output", str(output)]
     assert stats.main(args) == 0
     table = pd.read_csv(output, sep="\t")
     assert list(table["case"]) == ["c1", "c1"] and list(table["name"]) == ["C2", "C13"]
@@ -124,7 +124,7 @@ def test_case_cli_refuses_a_case_rejected_by_qc(tmp_path: Path, capsys) -> None:
     qc_json = write_qc(tmp_path / "c1.json", "rejected", ["label values not in the label map"])
     output = tmp_path / "c1.tsv"
     args = ["case", "--case", "c1", "--label", str(tmp_path / "c1.nii.gz"), "--qc", str(qc_json),
-            "--label-map", *LABEL_MAP_ARGS, "--connectivity", "26", "--output", str(output)]
+            "--label-map", json.dumps(LABEL_MAP), "--connectivity", "26", "--output", str(output)]
     assert stats.main(args) == 1
     assert f"case 'c1' (file {qc_json}): QC rejected this case: label values" in capsys.readouterr().err
     assert not output.exists()
@@ -151,7 +151,7 @@ def test_aggregate_tables_summary_histogram_and_figures(tmp_path: Path) -> None:
     assert by_id.loc[14, "cases"] == 3 and by_id.loc[14, "fraction"] == pytest.approx(3 / 5)
     assert by_id.loc[2, "cases"] == 1 and by_id.loc[1, "cases"] == 2
     out = tmp_path / "out"
-    args = ["aggregate", "--label-map", *LABEL_MAP_ARGS, "--table", str(out / "label_stats.tsv"),
+    args = ["aggregate", "--label-map", json.dumps(LABEL_MAP), "--table", str(out / "label_stats.tsv"),
             "--summary", str(out / "class_summary.tsv"), "--counts-png", str(out / "counts.png"),
             "--presence-png", str(out / "presence.png"), *(str(tmp_path / f"{c}.tsv") for c in tables)]
     assert stats.main(args) == 0
@@ -162,7 +162,7 @@ def test_aggregate_tables_summary_histogram_and_figures(tmp_path: Path) -> None:
 
 def test_aggregate_without_labelled_cases_still_writes_tables_and_figures(tmp_path: Path) -> None:
     """With qc.on_error=skip every labelled case may be rejected; the split then reports the real problem."""
-    args = ["aggregate", "--label-map", *LABEL_MAP_ARGS, "--table", str(tmp_path / "t.tsv"), "--summary",
+    args = ["aggregate", "--label-map", json.dumps(LABEL_MAP), "--table", str(tmp_path / "t.tsv"), "--summary",
             str(tmp_path / "s.tsv"), "--counts-png", str(tmp_path / "c.png"), "--presence-png", str(tmp_path / "p.png")]
     assert stats.main(args) == 0
     assert pd.read_csv(tmp_path / "t.tsv", sep="\t").empty

@@ -16,16 +16,16 @@ import SimpleITK as sitk
 import torch
 
 import tiny_nnunet as tn
-from workflow_scripts import teacher
-from workflow_scripts.nnunet_dataset import (
+from workflow_scripts.nnunet import teacher, training
+from workflow_scripts.nnunet.dataset import (
     LABEL_IDS_KEY,
     TrainingCase,
     build_dataset,
     label_ids_of,
     label_mapping,
 )
-from workflow_scripts.nnunet_ext import SETTINGS_KEY, TRAINER_NAME, configure_environment, nnunet_environment
-from workflow_scripts.volume_io import CaseError
+from workflow_scripts.nnunet.ext import SETTINGS_KEY, TRAINER_NAME, configure_environment, nnunet_environment
+from workflow_scripts.io.volumes import CaseError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,36 +99,36 @@ def test_dataset_rejects_unknown_label_values_naming_case_and_file(tmp_path):
 def test_environment_is_per_job_and_finds_the_trainer(tmp_path):
     env = nnunet_environment(tmp_path, threads=3)
     assert env["nnUNet_raw"] == str(tmp_path.resolve() / "raw") and env["nnUNet_n_proc_DA"] == "0"
-    assert env["nnUNet_extTrainer"].split(os.pathsep)[0].endswith("nnunet_ext")
+    assert env["nnUNet_extTrainer"].split(os.pathsep)[0].endswith(os.path.join("nnunet", "ext"))
     assert "nnUNet_raw" not in nnunet_environment(None, 1)
 
 
 def test_configuration_inherits_and_overrides_only_what_is_set(prepared):
     plans = prepared["plans"]
-    custom = plans["configurations"][teacher.custom_configuration(tn.CONFIGURATION)]
-    assert plans["plans_name"] == teacher.custom_plans_identifier(tn.PLANNER)
+    custom = plans["configurations"][training.custom_configuration(tn.CONFIGURATION)]
+    assert plans["plans_name"] == training.custom_plans_identifier(tn.PLANNER)
     assert custom["inherits_from"] == tn.CONFIGURATION and custom["batch_size"] == 3
     assert custom["patch_size"] == tn.TINY["patch_size"]
     kwargs = custom["architecture"]["arch_kwargs"]
     assert kwargs["features_per_stage"] == tn.TINY["features_per_stage"]
     assert kwargs["n_stages"] == len(kwargs["strides"]) == len(kwargs["kernel_sizes"]) == 3
     assert custom[SETTINGS_KEY]["num_epochs"] == 3
-    untouched = teacher.configure_plans(plans, tn.PLANNER, tn.CONFIGURATION, {})
+    untouched = training.configure_plans(plans, tn.PLANNER, tn.CONFIGURATION, {})
     assert set(untouched["configurations"]["3d_fullres_wf"]) == {"inherits_from", SETTINGS_KEY}
 
 
 def test_inconsistent_network_overrides_are_rejected(prepared):
     with pytest.raises(ValueError, match="allows 3"):
-        teacher.configure_plans(prepared["plans"], tn.PLANNER, tn.CONFIGURATION, {}, features_per_stage=[4, 8, 16, 32])
+        training.configure_plans(prepared["plans"], tn.PLANNER, tn.CONFIGURATION, {}, features_per_stage=[4, 8, 16, 32])
     with pytest.raises(ValueError, match="at least 3"):
-        teacher.configure_plans(prepared["plans"], tn.PLANNER, tn.CONFIGURATION, {}, patch_size=[4, 8, 8])
+        training.configure_plans(prepared["plans"], tn.PLANNER, tn.CONFIGURATION, {}, patch_size=[4, 8, 8])
 
 
 def test_trainer_uses_the_configured_schedule_and_batch_size(prepared):
     configure_environment(prepared["root"], 1)
-    from workflow_scripts.nnunet_ext.configurable_trainer import nnUNetTrainerConfigurable
+    from workflow_scripts.nnunet.ext.configurable_trainer import nnUNetTrainerConfigurable
 
-    configuration = teacher.custom_configuration(tn.CONFIGURATION)
+    configuration = training.custom_configuration(tn.CONFIGURATION)
     trainer = nnUNetTrainerConfigurable({**prepared["plans"], "continue_training": False}, configuration, "all",
                                         prepared["dataset"], device=torch.device("cpu"))
     assert (trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.save_every) == (3, 5, 1)
@@ -145,10 +145,10 @@ def test_trainer_takes_optimiser_learning_rate_sampling_and_mirror_axes_from_the
     configure_environment(prepared["root"], 1)
     from workflow_scripts.nnunet_ext.configurable_trainer import nnUNetTrainerConfigurable
 
-    configuration = teacher.custom_configuration(tn.CONFIGURATION)
+    configuration = training.custom_configuration(tn.CONFIGURATION)
     settings = {"num_epochs": 2, "optimizer": "adamw", "initial_lr": 0.003, "oversample_foreground_percent": 1.0,
                 "mirror_axes": []}
-    plans = teacher.configure_plans(prepared["plans"], tn.PLANNER, tn.CONFIGURATION, settings)
+    plans = training.configure_plans(prepared["plans"], tn.PLANNER, tn.CONFIGURATION, settings)
     trainer = nnUNetTrainerConfigurable({**plans, "continue_training": False}, configuration, "all",
                                         prepared["dataset"], device=torch.device("cpu"))
     trainer.initialize()
@@ -161,22 +161,22 @@ def test_trainer_takes_optimiser_learning_rate_sampling_and_mirror_axes_from_the
     default.initialize()
     assert isinstance(default.optimizer, torch.optim.SGD) and default.initial_lr == 0.01
     assert default.configure_rotation_dummyDA_mirroring_and_inital_patch_size()[3] == (0, 1, 2)
-    bad = teacher.configure_plans(prepared["plans"], tn.PLANNER, tn.CONFIGURATION, {"optimizer": "lbfgs"})
+    bad = training.configure_plans(prepared["plans"], tn.PLANNER, tn.CONFIGURATION, {"optimizer": "lbfgs"})
     with pytest.raises(ValueError, match="sgd or adamw"):
         nnUNetTrainerConfigurable({**bad, "continue_training": False}, configuration, "all", prepared["dataset"],
                                   device=torch.device("cpu"))
 
 
 def _train_command(prepared: dict) -> list[str]:
-    model = teacher.model_folder(prepared["root"], prepared["name"], tn.PLANNER, tn.CONFIGURATION)
-    return [sys.executable, "-m", "workflow_scripts.teacher", "train", "--root", str(prepared["root"]),
+    model = training.model_folder(prepared["root"], prepared["name"], tn.PLANNER, tn.CONFIGURATION)
+    return [sys.executable, "-m", "workflow_scripts.nnunet.teacher", "train", "--root", str(prepared["root"]),
             "--dataset-id", str(prepared["id"]), "--planner", tn.PLANNER, "--configuration", tn.CONFIGURATION,
             "--fold", "all", "--device", "cpu", "--threads", "1",
             "--expect", str(model / "fold_all" / "checkpoint_final.pth")]
 
 
 def test_killed_training_resumes_from_the_latest_checkpoint(prepared):
-    fold_dir = teacher.model_folder(prepared["root"], prepared["name"], tn.PLANNER, tn.CONFIGURATION) / "fold_all"
+    fold_dir = training.model_folder(prepared["root"], prepared["name"], tn.PLANNER, tn.CONFIGURATION) / "fold_all"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     first = subprocess.Popen(_train_command(prepared), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.STDOUT, start_new_session=True)
@@ -207,8 +207,8 @@ def test_changed_plans_discard_old_checkpoints(tmp_path):
     (tmp_path / "model" / "plans.json").write_text(json.dumps({"a": 1}))
     (tmp_path / "model" / "dataset.json").write_text(json.dumps({"d": 1}))
     (fold_dir / "checkpoint_latest.pth").write_bytes(b"x")
-    assert teacher.discard_stale_checkpoints(fold_dir, {"a": 1}, {"d": 1}) == []
-    assert teacher.discard_stale_checkpoints(fold_dir, {"a": 2}, {"d": 1}) == ["checkpoint_latest.pth"]
+    assert training.discard_stale_checkpoints(fold_dir, {"a": 1}, {"d": 1}) == []
+    assert training.discard_stale_checkpoints(fold_dir, {"a": 2}, {"d": 1}) == ["checkpoint_latest.pth"]
     assert not (fold_dir / "checkpoint_latest.pth").exists()
 
 
@@ -223,13 +223,13 @@ def test_validation_table_uses_original_ids_in_order():
 
 
 def test_parse_fold():
-    assert teacher.parse_fold("all") == "all" and teacher.parse_fold("3") == 3
+    assert training.parse_fold("all") == "all" and training.parse_fold("3") == 3
     with pytest.raises(ValueError):
-        teacher.parse_fold(5)
+        training.parse_fold(5)
 
 
 def test_model_folder_names_trainer_plans_and_configuration(tmp_path):
-    folder = teacher.model_folder(tmp_path, "Dataset901_Teacher", "nnUNetPlannerResEncM", "3d_fullres")
+    folder = training.model_folder(tmp_path, "Dataset901_Teacher", "nnUNetPlannerResEncM", "3d_fullres")
     assert folder.name == f"{TRAINER_NAME}__nnUNetResEncUNetMPlans_wf__3d_fullres_wf"
 
 
@@ -238,8 +238,8 @@ def test_rerun_after_finished_training_starts_afresh(tmp_path):
     Snakemake deleted before a rerun) is dropped, so the rerun trains afresh; a killed run keeps it."""
     (tmp_path / "checkpoint_best.pth").write_text("x")
     (tmp_path / "checkpoint_latest.pth").write_text("x")
-    assert not teacher.discard_finished_run(tmp_path)
+    assert not training.discard_finished_run(tmp_path)
     (tmp_path / "checkpoint_latest.pth").unlink()
-    assert teacher.discard_finished_run(tmp_path)
+    assert training.discard_finished_run(tmp_path)
     assert not (tmp_path / "checkpoint_best.pth").exists()
-    assert not teacher.discard_finished_run(tmp_path)
+    assert not training.discard_finished_run(tmp_path)

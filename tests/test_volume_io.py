@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from workflow_scripts.volume_io import (
+from workflow_scripts.io.volumes import (
     CaseError,
     Geometry,
     atomic_path,

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from workflow_scripts import teacher
-from workflow_scripts.nnunet_dataset import TrainingCase, build_dataset, dataset_name
+from workflow_scripts.nnunet import training
+from workflow_scripts.nnunet.dataset import TrainingCase, build_dataset, dataset_name
 
 LABEL_NAMES = {1: "liver", 2: "kidney", 3: "spleen", 14: "lesion"}
 CLASSES = [1, 3]  # a subset with a gap: nnU-Net ids 1, 2 map back to 1, 3
@@ -63,20 +63,20 @@ def prepare(tmp: Path, dataset_id: int, n_cases: int = 3, batch_size: int = 2, *
     root = tmp / "nnunet"
     name = dataset_name(dataset_id, "Tiny")
     dataset = build_dataset(cases, root / "raw" / name, CLASSES, LABEL_NAMES)
-    base = teacher.plan_and_preprocess(root, dataset_id, PLANNER, CONFIGURATION, 1)
-    plans = teacher.configure_plans(json.loads(base.read_text()), PLANNER, CONFIGURATION,
+    base = training.plan_and_preprocess(root, dataset_id, PLANNER, CONFIGURATION, 1)
+    plans = training.configure_plans(json.loads(base.read_text()), PLANNER, CONFIGURATION,
                                     settings(**trainer_settings), batch_size, **TINY)
-    (base.parent / f"{teacher.custom_plans_identifier(PLANNER)}.json").write_text(json.dumps(plans))
+    (base.parent / f"{training.custom_plans_identifier(PLANNER)}.json").write_text(json.dumps(plans))
     return {"root": root, "name": name, "dataset": dataset, "plans": plans, "cases": cases, "id": dataset_id}
 
 
 def train(prepared: dict) -> Path:
     """Train (1 epoch of 2 iterations by default) and return checkpoint_final.pth."""
-    return teacher.train(prepared["root"], prepared["id"], PLANNER, CONFIGURATION, "all", "cpu", 1)
+    return training.train(prepared["root"], prepared["id"], PLANNER, CONFIGURATION, "all", "cpu", 1)
 
 
 def model_dir(prepared: dict) -> Path:
-    return teacher.model_folder(prepared["root"], prepared["name"], PLANNER, CONFIGURATION)
+    return training.model_folder(prepared["root"], prepared["name"], PLANNER, CONFIGURATION)
 
 
 def trained_model(tmp_path_factory, dataset_id: int = 971) -> dict:
