@@ -143,7 +143,7 @@ def test_trainer_takes_optimiser_learning_rate_sampling_and_mirror_axes_from_the
     """The learning settings reach nnU-Net: AdamW at the configured rate, the foreground share, and the mirrored
     axes, which are also the axes the mirroring TTA uses (nnU-Net stores them in the checkpoint)."""
     configure_environment(prepared["root"], 1)
-    from workflow_scripts.nnunet_ext.configurable_trainer import nnUNetTrainerConfigurable
+    from workflow_scripts.nnunet.ext.configurable_trainer import nnUNetTrainerConfigurable
 
     configuration = training.custom_configuration(tn.CONFIGURATION)
     settings = {"num_epochs": 2, "optimizer": "adamw", "initial_lr": 0.003, "oversample_foreground_percent": 1.0,
