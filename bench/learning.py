@@ -58,10 +58,10 @@ def run_stages(config: Path, results: Path, cores: int) -> dict[str, float]:
     """Run the workflow stage by stage; returns the wall time of each stage in seconds."""
     times = {}
     for name, targets in STAGES:
-        command = [sys.executable, "-m", "snakemake", "--configfile", str(config), "--cores", str(cores), "-q",
-                   *(t.format(results=results) for t in targets)]
+        command = [sys.executable, "-m", "snakemake", *(t.format(results=results) for t in targets),
+                   "--configfile", str(config), "--cores", str(cores), "--quiet", "progress"]
         started = time.perf_counter()
-        print(f"== {name}: {' '.join(command[3:])}", flush=True)
+        print(f"== {name}: snakemake {' '.join(command[3:])}", flush=True)
         subprocess.run(command, cwd=REPO, check=True)
         times[name] = time.perf_counter() - started
         print(f"   {times[name] / 60:.1f} min", flush=True)
