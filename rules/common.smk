@@ -237,6 +237,11 @@ def pseudo_labelled_cases():
     return [case for cases in pseudo_shards().values() for case in cases]
 
 
+def with_truth(cases):
+    """The cases whose complete truth is known (TRUTH): the ones the label-quality tables score."""
+    return [case for case in cases if case in TRUTH]
+
+
 # Merged labels (rules/merge.smk), also what the student stages train on.
 def merged_label_cases():
     """Cases that get a merged label: strong, weak and, with pseudo.include_unlabeled, unlabeled."""

@@ -84,9 +84,12 @@ rule c2f_stages:
 
 rule label_quality_pseudo:
     input:
-        truth=lambda wildcards: [TRUTH[case] for case in pseudo_labelled_cases()],
+        truth=lambda wildcards: [
+            TRUTH[case] for case in with_truth(pseudo_labelled_cases())
+        ],
         labels=lambda wildcards: [
-            res("pseudo", f"{case}.nii.gz") for case in pseudo_labelled_cases()
+            res("pseudo", f"{case}.nii.gz")
+            for case in with_truth(pseudo_labelled_cases())
         ],
     output:
         report(
@@ -107,7 +110,7 @@ rule label_quality_pseudo:
         runtime=config["eval"]["runtime"],
     params:
         py=PY,
-        cases=lambda wildcards: " ".join(pseudo_labelled_cases()),
+        cases=lambda wildcards: " ".join(with_truth(pseudo_labelled_cases())),
         classes=" ".join(str(c) for c in TEACHER["classes"]),
         label_map=LABEL_MAP,
     shell:
@@ -119,8 +122,13 @@ rule label_quality_pseudo:
 rule label_quality_merged:
     input:
         split=lambda wildcards: checkpoints.split.get().output.split,
-        truth=lambda wildcards: [TRUTH[case] for case in merged_label_cases()],
-        labels=merged_label_files,
+        truth=lambda wildcards: [
+            TRUTH[case] for case in with_truth(merged_label_cases())
+        ],
+        labels=lambda wildcards: [
+            res("merged", f"{case}.nii.gz")
+            for case in with_truth(merged_label_cases())
+        ],
     output:
         report(
             res("eval", "labels", "merged.tsv"),
@@ -140,7 +148,7 @@ rule label_quality_merged:
         runtime=config["eval"]["runtime"],
     params:
         py=PY,
-        cases=lambda wildcards: " ".join(merged_label_cases()),
+        cases=lambda wildcards: " ".join(with_truth(merged_label_cases())),
         label_map=LABEL_MAP,
     shell:
         "{params.py}.evaluation.label_quality --cases {params.cases} --truth {input.truth:q}"
