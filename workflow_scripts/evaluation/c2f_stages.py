@@ -17,6 +17,7 @@ import pandas as pd
 from ..c2f.predict import BOX_COLUMNS
 from ..io.label_map import add_label_map_argument
 from ..io.volumes import CaseError, atomic_path, read_label
+from .metrics import dice
 
 COLUMNS = ["case", "box", "box_holds_foreground", "foreground_in_box", "organ_dsc_in_box", "organ_dsc_case",
            "lesion_dsc_in_box", "lesion_dsc_case"]
@@ -24,13 +25,9 @@ COLUMNS = ["case", "box", "box_holds_foreground", "foreground_in_box", "organ_ds
 
 def mean_dsc(truth: np.ndarray, prediction: np.ndarray, class_ids: Sequence[int]) -> float:
     """Mean DSC over the classes present in the truth or the prediction (NaN when none is)."""
-    scores = []
-    for class_id in class_ids:
-        t, p = truth == class_id, prediction == class_id
-        total = int(t.sum()) + int(p.sum())
-        if total:
-            scores.append(2.0 * int(np.logical_and(t, p).sum()) / total)
-    return float(np.mean(scores)) if scores else float("nan")
+    scores = [dice(truth == class_id, prediction == class_id) for class_id in class_ids]
+    present = [score for score in scores if not np.isnan(score)]
+    return float(np.mean(present)) if present else float("nan")
 
 
 def stage_row(case: str, truth: np.ndarray, prediction: np.ndarray, box: tuple[slice, ...] | None,
@@ -74,8 +71,8 @@ def stages_table(cases: Sequence[str], truths: Sequence[str], predictions: Seque
     for case, truth_path, prediction_path in zip(cases, truths, predictions, strict=True):
         if case not in boxes:
             raise CaseError(case, prediction_path, "no box recorded by the prediction job")
-        truth, truth_geometry = read_label(truth_path, case)
-        prediction, geometry = read_label(prediction_path, case)
+        truth, _ = read_label(truth_path, case)
+        prediction, _ = read_label(prediction_path, case)
         if truth.shape != prediction.shape:
             raise CaseError(case, prediction_path, f"shape {prediction.shape} differs from the truth {truth.shape}")
         rows.append(stage_row(case, truth, prediction, boxes[case], organs, lesions))

@@ -24,14 +24,9 @@ import pandas as pd
 
 from ..io.label_map import add_label_map_argument
 from ..io.volumes import CaseError, atomic_path, read_label
+from .metrics import dice
 
 COLUMNS = ["case", "class_id", "name", "kind", "source", "truth_voxels", "label_voxels", "dsc"]
-
-
-def dice(truth: np.ndarray, label: np.ndarray) -> float:
-    """DSC of two boolean masks (1 when both are empty: callers skip that case)."""
-    total = int(truth.sum()) + int(label.sum())
-    return 2.0 * int(np.logical_and(truth, label).sum()) / total if total else 1.0
 
 
 def score_label(case: str, truth: np.ndarray, label: np.ndarray, classes: Sequence[Mapping],
