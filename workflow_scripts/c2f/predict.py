@@ -163,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--images", required=True, nargs="+", help="one image per case, same order")
     parser.add_argument("--outputs", required=True, nargs="+", help="one output label file per case, same order")
     parser.add_argument("--efficiency", required=True, help="output TSV, one row per case")
-    parser.add_argument("--boxes", required=True, help="output TSV: the fine stage's box per case")
+    parser.add_argument("--boxes", help="output TSV: the fine stage's box per case (test set: rule c2f_stages)")
     add_label_map_argument(parser)
     parser.add_argument("--postprocess", required=True, help="the 'postprocess' config section as JSON")
     parser.add_argument("--margin-mm", type=float, required=True)
@@ -183,8 +183,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except CaseError as err:
         sys.exit(f"error: {err}")
     write_efficiency_table(args.efficiency, table)
-    with atomic_path(args.boxes) as tmp:
-        boxes.to_csv(tmp, sep="\t", index=False)
+    if args.boxes:
+        with atomic_path(args.boxes) as tmp:
+            boxes.to_csv(tmp, sep="\t", index=False)
 
 
 if __name__ == "__main__":
