@@ -35,6 +35,7 @@ include: "rules/student_nnunet.smk"
 include: "rules/evaluation.smk"
 include: "rules/report.smk"
 include: "rules/learning.smk"
+include: "rules/predict.smk"
 
 
 report: "report/workflow.rst"

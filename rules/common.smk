@@ -167,7 +167,12 @@ TARGETS = {}
 
 def test_shards(shard_size):
     """Test cases in fixed shards: a prediction job loads its model once and writes one file per case."""
-    cases = sorted(TEST)
+    return case_shards(TEST, shard_size)
+
+
+def case_shards(cases, shard_size):
+    """Cases (sorted) in fixed shards of ``shard_size``, named 0000, 0001, ..."""
+    cases = sorted(cases)
     return {
         f"{start // shard_size:04d}": cases[start : start + shard_size]
         for start in range(0, len(cases), shard_size)
@@ -285,14 +290,19 @@ class PredictionShard(typing.NamedTuple):
     benchmark: str
 
 
-def prediction_shards(rule_prefix, pred_dir, shard_size, wildcards_prefix=""):
+def prediction_shards(
+    rule_prefix, pred_dir, shard_size, wildcards_prefix="", images=None
+):
     """The prediction shards of one predictor writing into ``pred_dir`` (which may hold an {experiment} wildcard,
-    then given again as ``wildcards_prefix`` of the log and benchmark names)."""
-    for shard, cases in test_shards(shard_size).items():
+    then given again as ``wildcards_prefix`` of the log and benchmark names). ``images`` (case -> image) are the
+    cases to predict: the test set by default, new scans for rules/predict.smk."""
+    if images is None:
+        images = {case: entry["image"] for case, entry in TEST.items()}
+    for shard, cases in case_shards(images, shard_size).items():
         yield PredictionShard(
             name=f"{rule_prefix}_{shard}",
             cases=" ".join(cases),
-            images=[TEST[case]["image"] for case in cases],
+            images=[images[case] for case in cases],
             predictions=[os.path.join(pred_dir, f"{case}.nii.gz") for case in cases],
             efficiency=os.path.join(pred_dir, "efficiency", f"{shard}.tsv"),
             boxes=os.path.join(pred_dir, "boxes", f"{shard}.tsv"),
@@ -373,3 +383,25 @@ TEACHER_CHECKPOINT = os.path.join(TEACHER_FOLD, "checkpoint_final.pth")
 # own test-set predictions are scored the same way.
 EVAL_EXPERIMENTS = list(dict.fromkeys(config["eval"]["experiments"] + ["teacher"]))
 TEST_CASES = sorted(TEST)
+
+
+# Prediction on new scans (rules/predict.smk): the model files each kind of model is applied from.
+def predict_model_checkpoints(model):
+    """The trained model files that predicting with ``model`` (a student experiment or "teacher") reads; the
+    nnU-Net students' (NNUNET_*) are defined in rules/student_nnunet.smk, included before this is called.
+    """
+    if model == "teacher":
+        return [TEACHER_CHECKPOINT]
+    if model in C2F_LABELS:
+        return [res("student", model, "model", "model_final.pt")]
+    if model in NNUNET_DATASETS:
+        return expand(
+            NNUNET_CHECKPOINT,
+            experiment=model,
+            dataset=NNUNET_DATASETS[model],
+            batch=NNUNET_STUDENT["batch_sizes"],
+        )
+    raise ValueError(
+        f"config predict.model {model!r} is neither 'teacher' nor a student experiment"
+        f" (student.experiments: {sorted(config['student']['experiments'])})"
+    )

@@ -113,6 +113,37 @@ for student_shard in prediction_shards(
             " --interval {params.interval} > {log:q} 2>&1"
 
 
+# One self-contained file of a trained student (networks + inference settings + label map), for
+# `python -m workflow_scripts.c2f.apply` outside the workflow; built on request only (not part of `rule all`).
+rule student_export:
+    input:
+        res("student", "{experiment}", "model", "model_final.pt"),
+    output:
+        res("student", "{experiment}", "export", "{experiment}.pt"),
+    log:
+        log_path("student_export", "{experiment}"),
+    benchmark:
+        bench_path("student_export", "{experiment}")
+    wildcard_constraints:
+        experiment=C2F_PATTERN,
+    conda:
+        "../envs/student.yaml"
+    threads: 1
+    resources:
+        mem_mb=config["student"]["predict_mem_mb"],
+        runtime=config["student"]["predict_runtime"],
+    params:
+        py=PY,
+        label_map=LABEL_MAP,
+        postprocess=POSTPROCESS,
+        margin_mm=config["student"]["c2f"]["margin_mm"],
+        amp=config["student"]["c2f"]["amp"],
+    shell:
+        "{params.py}.c2f.export --model {input:q} --output {output:q} --experiment {wildcards.experiment}"
+        " --margin-mm {params.margin_mm} --amp {params.amp} --label-map {params.label_map:q}"
+        " --postprocess {params.postprocess:q} > {log:q} 2>&1"
+
+
 TARGETS["student"] = [
     res("student", experiment, "model", "model_final.pt")
     for experiment in C2F_EXPERIMENTS

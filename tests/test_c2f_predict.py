@@ -162,3 +162,44 @@ def test_cli_names_an_unreadable_case_and_writes_no_table(tmp_path) -> None:
 def test_cli_rejects_mismatched_argument_lists(tmp_path) -> None:
     with pytest.raises(SystemExit):
         predict.main(_cli_args(tmp_path, ["a", "b"], ["a.nii.gz"], ["a_out.nii.gz"]))
+
+
+# --- orientation ---------------------------------------------------------------------------------------------------
+
+def _asymmetric_scan(shape=(12, 30, 26)) -> sitk.Image:
+    """A CT-like volume with structures at different places left/right and front/back (identity direction)."""
+    rng = np.random.default_rng(4)
+    z, y, x = np.indices(shape)
+    array = rng.normal(-100, 15, shape)
+    array[((y - 9) / 5) ** 2 + ((x - 7) / 4) ** 2 < 1] += 250
+    array[((y - 20) / 4) ** 2 + ((x - 18) / 6) ** 2 + ((z - 6) / 4) ** 2 < 1] += 400
+    image = sitk.GetImageFromArray(array.astype(np.int16))
+    image.SetSpacing((1.4, 1.2, 3.0))
+    image.SetOrigin((-20.0, 35.5, -110.25))
+    return image
+
+
+@pytest.mark.parametrize("orientation", ["RAS", "PLS"], ids=["flipped x/y", "x/y swapped"])
+def test_same_scan_stored_in_another_orientation_gets_the_same_prediction_in_physical_space(tmp_path,
+                                                                                            orientation) -> None:
+    """A scan and a copy with flipped (or permuted) direction cosines are the same physical image: the student must
+    segment them identically, which it only does by seeing both in one canonical orientation."""
+    student = random_student(tmp_path)
+    scan = _asymmetric_scan()
+    copy = sitk.DICOMOrient(scan, orientation)
+    if orientation == "RAS":
+        assert copy.GetDirection() == (-1, 0, 0, 0, -1, 0, 0, 0, 1)
+    assert not np.array_equal(sitk.GetArrayFromImage(copy), sitk.GetArrayFromImage(scan))  # other voxel order
+    for name, image in (("scan", scan), ("copy", copy)):
+        sitk.WriteImage(image, str(tmp_path / f"{name}_0000.nii.gz"))
+        predict.predict_case(student, name, str(tmp_path / f"{name}_0000.nii.gz"), str(tmp_path / f"{name}.nii.gz"),
+                             20, RULES)
+    scan_pred = sitk.ReadImage(str(tmp_path / "scan.nii.gz"))
+    copy_pred = sitk.ReadImage(str(tmp_path / "copy.nii.gz"))
+    stored_copy = sitk.ReadImage(str(tmp_path / "copy_0000.nii.gz"))
+    assert copy_pred.GetDirection() == stored_copy.GetDirection() and copy_pred.GetOrigin() == stored_copy.GetOrigin()
+    # the copy's prediction sampled on the scan's voxel grid (nearest neighbour: the voxel centres coincide)
+    on_scan_grid = sitk.Resample(copy_pred, scan_pred, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    expected = sitk.GetArrayFromImage(scan_pred)
+    assert len(np.unique(expected)) > 1  # a non-trivial segmentation, so the comparison means something
+    assert np.array_equal(sitk.GetArrayFromImage(on_scan_grid), expected)

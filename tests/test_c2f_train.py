@@ -230,3 +230,22 @@ def test_cli_reports_a_bad_case_by_name(tmp_path) -> None:
                         "--work-dir", str(tmp_path / "work"), "--model", str(tmp_path / "m.pt"),
                         "--log", str(tmp_path / "log.tsv")])
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_a_case_stored_with_flipped_direction_cosines_trains_on_the_same_arrays(tmp_path) -> None:
+    """Training sees every case in the canonical orientation: the same physical scan and label stored with flipped
+    x/y direction cosines (mirrored voxel arrays) give identical training arrays and spacing."""
+    import SimpleITK as sitk
+
+    case = write_blob_case(tmp_path, shape=(16, 32, 24), spacing_xyz=(1.5, 1.2, 2.5))
+    flipped = {}
+    for kind, path in (("image", case.image), ("label", case.label)):
+        copy = sitk.DICOMOrient(sitk.ReadImage(path), "RAS")  # same physical image, x and y reversed
+        assert copy.GetDirection() == (-1, 0, 0, 0, -1, 0, 0, 0, 1)
+        flipped[kind] = str(tmp_path / f"flipped_{kind}.nii.gz")
+        sitk.WriteImage(copy, flipped[kind])
+    spec = StudentSpec.from_config(TINY_C2F, [1, 2, 3])
+    original = train_mod.prepare(case, spec, 40, 4)
+    mirrored = train_mod.prepare(train_mod.TrainingCase("flipped", flipped["image"], flipped["label"]), spec, 40, 4)
+    for field in ("coarse_image", "coarse_label", "region_image", "region_label", "foreground", "spacing_zyx"):
+        assert np.array_equal(getattr(mirrored, field), getattr(original, field)), field

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from workflow_scripts.demo.plan import kind_counts, plan
-from workflow_scripts.io.layout import discover_cases
+from workflow_scripts.io.layout import discover_cases, new_scans
 from workflow_scripts.io.volumes import CaseError
 
 
@@ -42,6 +42,27 @@ def test_odd_case_id_is_rejected_at_discovery(tmp_path: Path) -> None:
 def test_missing_image_folder_names_the_config_key(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="data.images"):
         discover_cases(str(tmp_path / "none"), None, "_0000.nii.gz", ".nii.gz")
+
+
+def test_new_scans_are_named_after_their_folder_unless_a_name_is_given(tmp_path: Path) -> None:
+    for case in ["b", "a"]:
+        touch(tmp_path / "scans2024" / f"{case}_0000.nii.gz")
+    touch(tmp_path / "scans2024" / "a.nii.gz")  # no label folder here: not a scan, not an error
+    name, scans = new_scans(str(tmp_path / "scans2024") + "/", "_0000.nii.gz")
+    assert name == "scans2024" and list(scans) == ["a", "b"]
+    assert scans["a"].endswith("scans2024/a_0000.nii.gz")
+    assert new_scans(str(tmp_path / "scans2024"), "_0000.nii.gz", "batch_1")[0] == "batch_1"
+
+
+def test_new_scans_name_the_config_key_of_each_mistake(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="predict.images"):
+        new_scans(str(tmp_path / "nowhere"), "_0000.nii.gz")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="predict.image_suffix"):
+        new_scans(str(tmp_path / "empty"), "_0000.nii.gz")
+    touch(tmp_path / "my scans" / "a_0000.nii.gz")
+    with pytest.raises(ValueError, match="predict.name"):
+        new_scans(str(tmp_path / "my scans"), "_0000.nii.gz")
 
 
 @pytest.mark.parametrize("n", [1, 7, 10, 2200])

@@ -191,7 +191,12 @@ def save_model(path: str | os.PathLike, spec: StudentSpec, coarse: nn.Module, fi
 def load_model(path: str | os.PathLike, device: str | torch.device) -> tuple[StudentSpec, EfficientSegNet,
                                                                                EfficientSegNet]:
     """Rebuild both networks from a model file, on ``device`` and in eval mode."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    return networks_from_payload(torch.load(path, map_location="cpu", weights_only=True), device)
+
+
+def networks_from_payload(payload: dict, device: str | torch.device) -> tuple[StudentSpec, EfficientSegNet,
+                                                                             EfficientSegNet]:
+    """Both networks from a loaded model file (:func:`save_model`'s, or an export of it that adds keys)."""
     spec = StudentSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in payload["spec"].items()})
     coarse, fine = spec.build()
     coarse.load_state_dict(payload["coarse"])

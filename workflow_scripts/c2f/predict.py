@@ -1,9 +1,10 @@
 """Inference of the coarse-to-fine student on a shard of cases (model loaded once per shard).
 
-Per case: read -> coarse network on the whole volume resized to the coarse grid -> connected-component cleanup
-and foreground box -> box + margin (mm) on the original grid -> fine network on the crop resized to the fine grid
--> argmax -> labels resized back to the crop and placed into the full volume, all on the device -> component
-cleanup (organs: largest; lesions: every component above a size) -> uint8 NIfTI with the input's exact geometry.
+Per case: read -> canonical orientation (as in training) -> coarse network on the whole volume resized to the
+coarse grid -> connected-component cleanup and foreground box -> box + margin (mm) on the original grid -> fine
+network on the crop resized to the fine grid -> argmax -> labels resized back to the crop and placed into the full
+volume, all on the device -> component cleanup (organs: largest; lesions: every component above a size) -> the
+file's own orientation -> uint8 NIfTI with the input's exact geometry.
 No sliding window and no resampling to a target spacing: the two fixed-size forward passes are the whole cost,
 which is what makes the student fast.
 """
@@ -24,6 +25,7 @@ from . import data
 from .model import EfficientSegNet, StudentSpec, autocast, load_model
 from ..evaluation.efficiency import measure_cases, write_efficiency_table
 from ..io.label_map import add_label_map_argument
+from ..io.orientation import reorientation
 from ..labels.postprocess import ComponentRule, clean_components, rules_from_config
 from ..io.volumes import CaseError, atomic_path, foreground_box, read_volume, write_volume
 
@@ -108,12 +110,23 @@ def segment(student: Student, volume: np.ndarray, spacing_zyx: Sequence[float], 
 def predict_case(student: Student, case: str, image_path: str, output_path: str, margin_mm: float,
                  rules: Mapping[int, ComponentRule]) -> tuple[str, data.Box | None]:
     """Read, segment and write one case; returns its size as ``XxYxZ`` (the paper's Table 6 convention) and the
-    fine stage's box (None: the coarse stage found nothing and the fine stage saw the whole volume)."""
+    fine stage's box in the file's own voxel order (None: the coarse stage found nothing and the fine stage saw
+    the whole volume).
+
+    The networks work in the canonical orientation (:mod:`workflow_scripts.io.orientation`), as in training, so
+    a scan stored with flipped or permuted axes gets the same segmentation in physical space; the labels are
+    turned back to the file's own order and written with its exact geometry.
+    """
     volume, geometry = read_volume(image_path, case)
-    labels, box = segment(student, volume, geometry.spacing_zyx, margin_mm, rules)
+    orientation = reorientation(geometry.direction)
+    canonical = orientation.to_canonical(volume)
+    del volume
+    labels, box = segment(student, canonical, orientation.spacing_zyx(geometry.spacing_zyx), margin_mm, rules)
     if box is None:
         print(f"{case}: the coarse stage found no foreground; the fine stage ran on the whole volume", flush=True)
-    write_volume(output_path, labels, geometry)
+    else:
+        box = orientation.box_from_canonical(box, canonical.shape)
+    write_volume(output_path, orientation.from_canonical(labels), geometry)
     return "x".join(str(n) for n in geometry.size), box
 
 
@@ -150,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--images", required=True, nargs="+", help="one image per case, same order")
     parser.add_argument("--outputs", required=True, nargs="+", help="one output label file per case, same order")
     parser.add_argument("--efficiency", required=True, help="output TSV, one row per case")
-    parser.add_argument("--boxes", required=True, help="output TSV: the fine stage's box per case")
+    parser.add_argument("--boxes", help="output TSV: the fine stage's box per case (test set: rule c2f_stages)")
     add_label_map_argument(parser)
     parser.add_argument("--postprocess", required=True, help="the 'postprocess' config section as JSON")
     parser.add_argument("--margin-mm", type=float, required=True)
@@ -170,8 +183,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except CaseError as err:
         sys.exit(f"error: {err}")
     write_efficiency_table(args.efficiency, table)
-    with atomic_path(args.boxes) as tmp:
-        boxes.to_csv(tmp, sep="\t", index=False)
+    if args.boxes:
+        with atomic_path(args.boxes) as tmp:
+            boxes.to_csv(tmp, sep="\t", index=False)
 
 
 if __name__ == "__main__":

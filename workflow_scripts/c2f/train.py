@@ -5,7 +5,9 @@ a crop around their labelled foreground with a random margin, augmented as in th
 cross-entropy with the merge stage's ignore label excluded from both terms; AdamW with linear warm-up then cosine
 decay. Each case is read once and cached on disk in a training-ready form (like nnU-Net's preprocessing), so
 iterations never decompress NIfTI files. Checkpoints (weights, optimiser, RNG states, log) are written outside the
-declared outputs every ``checkpoint_every`` epochs, so a killed job resumes exactly where it stopped.
+declared outputs every ``checkpoint_every`` epochs, so a killed job resumes exactly where it stopped. Every case is
+brought to the canonical orientation first (:mod:`workflow_scripts.io.orientation`), so scans stored with flipped or
+permuted axes teach the networks the same anatomy; inference does the same.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 from . import data
 from .model import StudentSpec, autocast, save_model
 from ..io.manifest import TrainingCase, read_manifest
+from ..io.orientation import CANONICAL, reorientation
 from ..io.volumes import CaseError, atomic_path, read_label, read_volume
 
 LOG_COLUMNS = ["epoch", "lr", "loss", "coarse_loss", "fine_loss", "val_dice_coarse", "val_dice_fine", "seconds"]
@@ -64,9 +67,10 @@ class TrainSettings:
 def cache_key(case: TrainingCase, spec: StudentSpec, train_margin_max_mm: float, ignore_label: int | None) -> str:
     """Hash of everything a prepared case depends on: the files (path, size, mtime) and the preparation settings.
 
-    A re-merged label or a changed window gives a new key, so a stale cache entry is never used.
+    A re-merged label or a changed window gives a new key, so a stale cache entry is never used. The canonical
+    orientation is part of it: entries prepared in a file's own axis order (before orientation) are not reused.
     """
-    parts = [case.case, spec.window, spec.coarse_size, spec.class_ids, train_margin_max_mm, ignore_label]
+    parts = [case.case, CANONICAL, spec.window, spec.coarse_size, spec.class_ids, train_margin_max_mm, ignore_label]
     for path in (case.image, case.label):
         stat = os.stat(path)
         parts += [os.path.abspath(path), stat.st_size, stat.st_mtime_ns]
@@ -85,7 +89,9 @@ def prepare(case: TrainingCase, spec: StudentSpec, train_margin_max_mm: float,
         indices = data.to_class_indices(label, data.label_lookup(spec.class_ids, ignore_label))
     except ValueError as err:
         raise CaseError(case.case, case.label, str(err)) from err
-    return data.prepare_case(image, indices, image_geometry.spacing_zyx, spec.window, spec.coarse_size,
+    orientation = reorientation(image_geometry.direction)  # the networks learn in the canonical orientation
+    return data.prepare_case(orientation.to_canonical(image), orientation.to_canonical(indices),
+                             orientation.spacing_zyx(image_geometry.spacing_zyx), spec.window, spec.coarse_size,
                              train_margin_max_mm)
 
 

@@ -49,6 +49,27 @@ def discover_cases(images_dir: str, labels_dir: str | None, image_suffix: str, l
     return [Case(case, cases[case], labels.get(case)) for case in sorted(cases)]
 
 
+def new_scans(images_dir: str, image_suffix: str, name: str | None = None) -> tuple[str, dict[str, str]]:
+    """The scans of the ``predict`` config section: its output name and case -> image file.
+
+    The name (``predict.name``, by default the folder's own name) becomes the folder results/predict/<name>/, so
+    it obeys the rules of case ids. A missing folder, a folder without any ``<case><image_suffix>`` file and an odd
+    name stop planning with the config key named, before any job runs.
+    """
+    if not os.path.isdir(images_dir):
+        raise FileNotFoundError(f"scan folder {images_dir!r} does not exist (config key predict.images)")
+    name = name or os.path.basename(os.path.normpath(images_dir))
+    try:
+        validate_case_id(name)
+    except CaseError as err:
+        raise ValueError(f"prediction name {name!r} (config key predict.name): {err.reason}") from None
+    scans = {case.case: case.image for case in discover_cases(images_dir, None, image_suffix, "")}
+    if not scans:
+        raise FileNotFoundError(f"no scan named <case>{image_suffix} in {images_dir!r} (config keys "
+                                f"predict.images, predict.image_suffix)")
+    return name, scans
+
+
 def demo_layout(results: str) -> dict[str, str]:
     """Folders of the embedded demo dataset, in the same shape as the ``data`` config section."""
     root = Path(results) / "demo"
