@@ -11,8 +11,14 @@ import pandas as pd
 from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
 from workflow_scripts.demo.plan import plan as demo_plan, truth_path
+from workflow_scripts.ingest.students import (
+    pseudo_labels_unlabeled,
+    training_categories,
+)
 from workflow_scripts.io.layout import demo_layout, discover_cases
+from workflow_scripts.io.manifest import write_manifest
 from workflow_scripts.io.volumes import CASE_ID_PATTERN
+from workflow_scripts.labels.merge import category_settings
 from workflow_scripts.labels.pseudo import shard_cases
 from workflow_scripts.nnunet.dataset import dataset_name
 from workflow_scripts.nnunet.training import fold_name, model_folder
@@ -153,8 +159,24 @@ def cases_by_category(*categories):
 
 @functools.lru_cache(maxsize=32)
 def _cases_by_category(version, categories):
-    table = pd.read_csv(version[0], sep="\t")
+    table = _split_table(version)
     return tuple(table.loc[table["category"].isin(categories), "case"])
+
+
+def case_category(case):
+    """The split category of an accepted training case."""
+    return _case_categories(split_version())[case]
+
+
+@functools.lru_cache(maxsize=4)
+def _case_categories(version):
+    table = _split_table(version)
+    return dict(zip(table["case"], table["category"]))
+
+
+@functools.lru_cache(maxsize=4)
+def _split_table(version):
+    return pd.read_csv(version[0], sep="\t")
 
 
 def all_targets():
@@ -215,20 +237,31 @@ def efficiency_tables(experiment):
     ]
 
 
+# What the students train on (workflow_scripts/ingest/students.py): the split categories of each experiment (strong
+# and weak; unlabeled too with unlabeled: true), and whether the unlabeled cases are pseudo-labelled and merged
+# (pseudo.include_unlabeled: true, or null and some experiment trains on them). A contradiction (unlabeled: true with
+# raw labels, or with include_unlabeled: false) stops planning here, before any job runs.
+TRAINING_CATEGORIES = {
+    name: training_categories(name, experiment)
+    for name, experiment in config["student"]["experiments"].items()
+}
+PSEUDO_UNLABELED = pseudo_labels_unlabeled(
+    config["pseudo"]["include_unlabeled"], TRAINING_CATEGORIES
+)
+
+
 # Pseudo-labels (rules/pseudo.smk).
 def pseudo_shards():
     """Shards of the cases to pseudo-label (name -> cases; shared, do not modify). Weak and unlabeled cases are
-    sharded separately, so switching pseudo.include_unlabeled on adds shards instead of moving weak cases into other
-    ones. Computed once per split table (pseudo_case asks once per case).
+    sharded separately, so pseudo-labelling the unlabeled ones (PSEUDO_UNLABELED) adds shards instead of moving weak
+    cases into other ones. Computed once per split table (pseudo_case asks once per case).
     """
     return _pseudo_shards(split_version())
 
 
 @functools.lru_cache(maxsize=4)
 def _pseudo_shards(version):
-    categories = ["weak"] + (
-        ["unlabeled"] if config["pseudo"]["include_unlabeled"] else []
-    )
+    categories = ["weak"] + (["unlabeled"] if PSEUDO_UNLABELED else [])
     shards = {}
     for category in categories:
         shards.update(
@@ -238,7 +271,7 @@ def _pseudo_shards(version):
 
 
 def pseudo_labelled_cases():
-    """Cases that get a pseudo-label (weak, and unlabeled with pseudo.include_unlabeled)."""
+    """Cases that get a pseudo-label (weak, and unlabeled with PSEUDO_UNLABELED)."""
     return [case for cases in pseudo_shards().values() for case in cases]
 
 
@@ -249,14 +282,21 @@ def with_truth(cases):
 
 # Merged labels (rules/merge.smk), also what the student stages train on.
 def merged_label_cases():
-    """Cases that get a merged label: strong, weak and, with pseudo.include_unlabeled, unlabeled."""
-    unlabeled = ["unlabeled"] if config["pseudo"]["include_unlabeled"] else []
+    """Cases that get a merged label: strong, weak and, with PSEUDO_UNLABELED, unlabeled."""
+    unlabeled = ["unlabeled"] if PSEUDO_UNLABELED else []
     return cases_by_category("strong", "weak", *unlabeled)
 
 
 def merged_label_files(wildcards=None):
     """Input function: the merged label of every case that has one."""
     return [res("merged", f"{case}.nii.gz") for case in merged_label_cases()]
+
+
+def merge_setting(case, key):
+    """min_confidence or low_confidence_as of the case's merge: the unlabeled cases' own values where set
+    (merge.unlabeled_*), so changing them re-merges only the unlabeled cases."""
+    index = {"min_confidence": 0, "low_confidence_as": 1}[key]
+    return category_settings(config["merge"], case_category(case))[index]
 
 
 def training_label(case, source):
@@ -323,23 +363,46 @@ C2F_EXPERIMENTS = list(C2F_LABELS)
 C2F_PATTERN = "|".join(C2F_EXPERIMENTS) or "(?!)"
 
 
-# Student training sets (rules/student.smk, rules/student_nnunet.smk): the strong and weak cases with the label of
-# the experiment's source, written to a manifest table by workflow_scripts.io.manifest.
+# Student training sets (rules/student.smk, rules/student_nnunet.smk): the cases of the experiment's categories
+# (TRAINING_CATEGORIES) with the label of its source, written to a manifest table by workflow_scripts.io.manifest.
+# An experiment without unlabeled cases asks for exactly the files it asked for before, so switching them on for
+# one experiment reruns no other.
 def student_label_source(experiment):
     return config["student"]["experiments"][experiment]["labels"]
 
 
-def student_training_cases():
-    return cases_by_category("strong", "weak")
+def student_training_cases(experiment):
+    return cases_by_category(*TRAINING_CATEGORIES[experiment])
 
 
 def student_training_images(wildcards):
-    return [TRAIN[case]["image"] for case in student_training_cases()]
+    return [
+        TRAIN[case]["image"] for case in student_training_cases(wildcards.experiment)
+    ]
 
 
 def student_training_labels(wildcards):
     source = student_label_source(wildcards.experiment)
-    return [training_label(case, source) for case in student_training_cases()]
+    return [
+        training_label(case, source)
+        for case in student_training_cases(wildcards.experiment)
+    ]
+
+
+def write_student_manifest(experiment, path, images, labels):
+    """The manifest of an experiment: its cases, images and labels (the rule's inputs) and split categories."""
+    cases = student_training_cases(experiment)
+    write_manifest(path, cases, images, labels, [case_category(c) for c in cases])
+
+
+def student_low_confidence_as(experiment):
+    """low_confidence_as of every pseudo-labelled category the experiment trains on: whether its merged labels can
+    hold the ignore label (the nnU-Net student declares it then)."""
+    return sorted(
+        category_settings(config["merge"], category)[1]
+        for category in TRAINING_CATEGORIES[experiment]
+        if category != "strong"
+    )
 
 
 def nnunet_plans_args(section):

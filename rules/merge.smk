@@ -1,5 +1,6 @@
 # Rules of the merge stage: supplement weak labels with the teacher's pseudo-labels (annotations never change),
-# pass strong labels through, and summarise what was filled. merged_label_cases(), merged_label_files() and
+# pass strong labels through, give unlabeled cases their filtered pseudo-label (when PSEUDO_UNLABELED), and summarise
+# what was filled, per case and per student. merged_label_cases(), merged_label_files(), merge_setting() and
 # training_label() live in common.smk because the student stages use them too.
 
 from workflow_scripts.labels.merge import input_flags, rule_inputs
@@ -34,8 +35,12 @@ rule merge_case:
         inputs=lambda wildcards, input: input_flags(input.items()),
         label_map=LABEL_MAP,
         fill_classes=" ".join(str(c) for c in config["teacher"]["classes"]),
-        min_confidence=config["merge"]["min_confidence"],
-        low_confidence_as=config["merge"]["low_confidence_as"],
+        # per case: unlabeled cases may have their own (merge.unlabeled_*); strong and weak cases' values are the
+        # plain merge.* ones, so a change of the unlabeled settings re-merges the unlabeled cases only
+        min_confidence=lambda wildcards: merge_setting(wildcards.case, "min_confidence"),
+        low_confidence_as=lambda wildcards: merge_setting(
+            wildcards.case, "low_confidence_as"
+        ),
         tolerances=GEOMETRY_TOLERANCE_ARGS,
     shell:
         "{params.py}.labels.merge case --case {wildcards.case} {params.inputs}"
@@ -69,4 +74,35 @@ rule merge_summary:
         " --output {output:q} > {log:q} 2>&1"
 
 
-TARGETS["merge"] = [res("merged", "summary.tsv")]
+# How many merged cases of each category every student on merged labels trains on, and the pseudo voxels filled,
+# left out and ignored in them (workflow_scripts.labels.merge.student_table).
+rule merge_students:
+    input:
+        res("merged", "summary.tsv"),
+    output:
+        res("merged", "students.tsv"),
+    log:
+        log_path("merge_students"),
+    benchmark:
+        bench_path("merge_students")
+    conda:
+        "../envs/base.yaml"
+    threads: 1
+    resources:
+        mem_mb=config["merge"]["mem_mb"],
+        runtime=config["merge"]["runtime"],
+    params:
+        py=PY,
+        categories=json.dumps(
+            {
+                name: list(categories)
+                for name, categories in TRAINING_CATEGORIES.items()
+                if student_label_source(name) == "merged"
+            }
+        ),
+    shell:
+        "{params.py}.labels.merge students --summary {input:q} --categories {params.categories:q}"
+        " --output {output:q} > {log:q} 2>&1"
+
+
+TARGETS["merge"] = [res("merged", "summary.tsv"), res("merged", "students.tsv")]

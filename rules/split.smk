@@ -27,4 +27,30 @@ checkpoint split:
         " --output {output.split:q} > {log:q} 2>&1"
 
 
-TARGETS["split"] = [res("split", "split.tsv")]
+# Cases per category of the split, of the pseudo-labels and of every student experiment (strong, weak, unlabeled):
+# what each student trains on, known before the teacher trains (workflow_scripts/ingest/students.py).
+rule split_students:
+    input:
+        split=res("split", "split.tsv"),
+    output:
+        res("split", "students.tsv"),
+    log:
+        log_path("split_students"),
+    benchmark:
+        bench_path("split_students")
+    conda:
+        "../envs/base.yaml"
+    threads: 1
+    resources:
+        mem_mb=config["split"]["mem_mb"],
+        runtime=config["split"]["runtime"],
+    params:
+        py=PY,
+        experiments=json.dumps(config["student"]["experiments"]),
+        pseudo_unlabeled="--pseudo-unlabeled" if PSEUDO_UNLABELED else "",
+    shell:
+        "{params.py}.ingest.students --split {input.split:q} --experiments {params.experiments:q}"
+        " {params.pseudo_unlabeled} --output {output:q} > {log:q} 2>&1"
+
+
+TARGETS["split"] = [res("split", "split.tsv"), res("split", "students.tsv")]

@@ -1,11 +1,11 @@
 # Rules of the student stage: the coarse-to-fine student (workflow_scripts/c2f/), trained on the merged labels
-# (two_stage) or on the raw weak labels (baseline, the paper's ablation), and its test-set predictions.
+# (two_stage) or on the raw weak labels (baseline, the paper's ablation), with unlabeled: true also on the unlabeled
+# cases' merged labels (the ignore label excluded from the loss), and its test-set predictions.
 # Only experiments whose model is c2f are handled here; the nnU-Net student option lives in its own rule file.
 
 import json
 
 from workflow_scripts.io.label_map import ignore_label
-from workflow_scripts.io.manifest import write_manifest
 
 
 rule student_manifest:
@@ -26,8 +26,8 @@ rule student_manifest:
         runtime=5,
     run:
         # a table, not a command line: thousands of paths would exceed the shell's argument limit
-        write_manifest(
-            output[0], student_training_cases(), input.images, input.labels
+        write_student_manifest(
+            wildcards.experiment, output[0], input.images, input.labels
         )
 
 

@@ -5,7 +5,6 @@
 # own dataset id (student.nnunet.dataset_id + its position among the nnU-Net experiments), named by the {dataset}
 # wildcard, which is constrained to exactly those names.
 
-from workflow_scripts.io.manifest import write_manifest
 from workflow_scripts.nnunet.student import (
     experiment_dataset_ids,
     student_dataset_name,
@@ -58,8 +57,8 @@ rule student_nnunet_manifest:
         runtime=config["student"]["predict_runtime"],
     run:
         # a table, not a command line: thousands of paths would exceed the shell's argument limit
-        write_manifest(
-            output[0], student_training_cases(), input.images, input.labels
+        write_student_manifest(
+            wildcards.experiment, output[0], input.images, input.labels
         )
 
 
@@ -89,7 +88,7 @@ rule student_nnunet_dataset:
             "--ignore"
             if uses_ignore_label(
                 student_label_source(wildcards.experiment),
-                config["merge"]["low_confidence_as"],
+                student_low_confidence_as(wildcards.experiment),
             )
             else ""
         ),

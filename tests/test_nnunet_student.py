@@ -89,9 +89,9 @@ def test_experiment_dataset_ids_offset_in_config_order():
 
 
 def test_ignore_label_only_for_merged_labels_with_ignore():
-    assert ns.uses_ignore_label("merged", "ignore")
-    assert not ns.uses_ignore_label("merged", "background")
-    assert not ns.uses_ignore_label("raw", "ignore")
+    assert ns.uses_ignore_label("merged", ["ignore"])
+    assert not ns.uses_ignore_label("merged", ["background"])
+    assert not ns.uses_ignore_label("raw", ["ignore"])
     classes, names = ns.dataset_classes(LABELS, with_ignore=False)
     assert classes == [1, 2, 3] and IGNORE not in names
 

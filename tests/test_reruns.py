@@ -7,6 +7,7 @@ costs minutes. The run reads a raw dataset outside its working folder, as real d
 """
 from __future__ import annotations
 
+import re
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -75,6 +76,34 @@ def test_including_unlabeled_cases_adds_their_pseudo_labels_only(
     assert jobs["pseudo_case"] == len(unlabeled), jobs
     assert jobs["pseudo_shard"] == len(shard_cases(unlabeled, shard_size)), jobs
     assert not any(rule.startswith("teacher_") for rule in jobs), jobs
+
+
+@pytest.mark.slow
+def test_unlabeled_cases_for_one_experiment_rerun_only_that_student(
+    completed_run: Path, raw_dataset: Path, tmp_path: Path
+) -> None:
+    """README "Unlabeled cases": unlabeled: true on two_stage (pseudo.include_unlabeled left null) plans the unlabeled
+    cases' pseudo-labels and merges and two_stage's training, and nothing of the teacher, of a weak or strong case
+    or of the baseline student."""
+    workdir = copy_run(completed_run, tmp_path / "run")
+    split = pd.read_csv(workdir / "results" / "split" / "split.tsv", sep="\t")
+    unlabeled = set(split.loc[split["category"] == "unlabeled", "case"])
+    assert unlabeled
+    changed = write_config(tmp_path / "changed.yaml", raw_dataset,
+                           student={"experiments": {"two_stage": {"labels": "merged", "unlabeled": True}}})
+    dry_run = output_of(run_workflow(workdir, "--dry-run", config=changed))
+    jobs: dict[str, list[str]] = {}
+    for rule, wildcards in re.findall(r"^(?:localrule|rule|checkpoint) (\w+):\n((?:    .*\n)*)", dry_run, re.M):
+        found = re.search(r"wildcards: (.*)", wildcards)
+        jobs.setdefault(rule, []).append(found[1] if found else "")
+    assert {case.removeprefix("case=") for case in jobs.pop("pseudo_case")} == unlabeled, jobs
+    assert {case.removeprefix("case=") for case in jobs.pop("merge_case")} == unlabeled, jobs
+    shard_size = yaml.safe_load(changed.read_text())["pseudo"]["shard_size"]
+    assert len(jobs.pop("pseudo_shard")) == len(shard_cases(sorted(unlabeled), shard_size)), jobs
+    assert jobs["student_train"] == ["experiment=two_stage"], jobs
+    assert not any(rule.startswith("teacher_") for rule in jobs), jobs
+    assert not any("baseline" in w for wildcards in jobs.values() for w in wildcards), jobs
+    assert not UPSTREAM_OF_MERGE & set(jobs), jobs
 
 
 @pytest.mark.slow

@@ -118,6 +118,20 @@ def split_validation(n_cases: int, fraction: float, seed: int) -> tuple[list[int
     return sorted(order[n_val:]), sorted(order[:n_val])
 
 
+def split_cases(cases: Sequence[TrainingCase], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, validation) indices of ``cases``: validation cases are drawn from the annotated cases only.
+
+    An unlabeled case's label is the teacher's pseudo-label; validating on it would measure agreement with the
+    teacher, not learning. Unlabeled cases therefore always train, and the annotated cases are split exactly as
+    :func:`split_validation` splits them without any unlabeled case, so adding unlabeled cases leaves the
+    validation set (and the learning curve) of an experiment as it was.
+    """
+    annotated = [index for index, case in enumerate(cases) if not case.unlabeled]
+    _, val_positions = split_validation(len(annotated), fraction, seed)
+    validation = [annotated[position] for position in val_positions]
+    return sorted(set(range(len(cases))) - set(validation)), validation
+
+
 # --- optimisation ------------------------------------------------------------------------------------------------
 
 def learning_rate(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> float:
@@ -333,8 +347,10 @@ def train(cases: Sequence[TrainingCase], spec: StudentSpec, settings: TrainSetti
     device = torch.device(device)
     work_dir = Path(work_dir)
     files = prepare_all(cases, spec, settings.train_margin_max_mm, ignore_label, work_dir / "cache")
-    train_idx, val_idx = split_validation(len(files), settings.val_fraction, settings.seed)
-    print(f"{len(train_idx)} training and {len(val_idx)} validation cases", flush=True)
+    train_idx, val_idx = split_cases(cases, settings.val_fraction, settings.seed)
+    unlabeled = sum(case.unlabeled for case in cases)
+    print(f"{len(train_idx)} training ({unlabeled} of them unlabeled, on pseudo-labels) and {len(val_idx)} "
+          f"validation cases", flush=True)
     seed_everything(settings.seed, device)
     rng = np.random.default_rng(settings.seed)
     nets = build_networks(spec, settings, device)

@@ -9,11 +9,14 @@ voxels never change, so a pseudo organ can never overwrite a lesion.
 Optionally pseudo voxels below ``min_confidence`` are not trusted either: they stay background, or become the
 nnU-Net ignore label (highest label id + 1) so that the student's loss skips them instead of learning background.
 
-Strong cases pass through unchanged, unlabeled cases (an all-background "weak label") take the pseudo-label.
+Strong cases pass through unchanged, unlabeled cases (an all-background "weak label") take the pseudo-label. Every
+voxel of an unlabeled case is the teacher's, so its confidence filter may be set apart from the weak cases'
+(``merge.unlabeled_min_confidence`` and ``merge.unlabeled_low_confidence_as``, see :func:`category_settings`).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 from dataclasses import dataclass
@@ -23,11 +26,13 @@ from typing import Collection, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from ..ingest.split import CATEGORIES
 from ..io.label_map import add_label_map_argument, ignore_label
 from ..io.volumes import (CaseError, Geometry, add_tolerance_arguments, read_label, tolerances_from_args, write_text,
                           write_volume)
 
 LOW_CONFIDENCE_AS = ("background", "ignore")
+PSEUDO_CATEGORIES = ("weak", "unlabeled")  # split categories whose merged labels hold pseudo voxels
 # columns of the per-case table written by case_table (the summary checks its inputs against them)
 TABLE_COLUMNS = ("class_id", "name", "annotated", "pseudo_voxels", "filled_voxels", "filled_ml",
                  "low_confidence_voxels", "ignored_voxels")
@@ -100,6 +105,21 @@ class MergeSettings:
             raise ValueError(f"fill classes {unknown} are not in the label map {sorted(self.label_ids)}")
         if self.ignore <= max(self.label_ids):
             raise ValueError(f"ignore label {self.ignore} collides with the label ids (max {max(self.label_ids)})")
+
+
+def category_settings(merge: Mapping, category: str) -> tuple[float, str]:
+    """``(min_confidence, low_confidence_as)`` of a case of split ``category`` from the ``merge`` config section.
+
+    Unlabeled cases take ``unlabeled_min_confidence`` / ``unlabeled_low_confidence_as`` where set (null: the weak
+    cases' values). Separate keys let the filter of the unlabeled cases, where no annotation anchors any voxel, be
+    stricter without re-merging the weak cases and retraining the students that never see an unlabeled case; the
+    values of strong and weak cases stay exactly ``min_confidence`` and ``low_confidence_as``.
+    """
+    if category == "unlabeled":
+        threshold, low_as = merge["unlabeled_min_confidence"], merge["unlabeled_low_confidence_as"]
+        return (merge["min_confidence"] if threshold is None else threshold,
+                merge["low_confidence_as"] if low_as is None else low_as)
+    return merge["min_confidence"], merge["low_confidence_as"]
 
 
 def settings_from_config(labels: Sequence[Mapping], fill_classes: Sequence[int], min_confidence: float,
@@ -260,6 +280,32 @@ def summary_table(tables: Mapping[str, str], categories: Mapping[str, str]) -> p
     return pd.DataFrame(rows)
 
 
+def student_table(summary: pd.DataFrame, categories: Mapping[str, Sequence[str]]) -> pd.DataFrame:
+    """One row per student experiment on merged labels: the merged cases it trains on per category (``strong``,
+    ``weak``, ``unlabeled``) and, for the pseudo-labelled categories, the voxels filled, left out for low confidence
+    and set to the ignore label in those cases (``<category>_filled_voxels`` ...).
+
+    ``summary`` is the merge summary (one row per merged case, with its category); ``categories`` maps each
+    experiment to the categories it trains on. Counts come from the summary, i.e. from the merged labels that exist,
+    not from the config.
+    """
+    sizes = summary["category"].value_counts()
+    rows = []
+    for experiment, used in categories.items():
+        row: dict = {"experiment": experiment}
+        for category in CATEGORIES:
+            row[category] = int(sizes.get(category, 0)) if category in used else 0
+        for category in PSEUDO_CATEGORIES:
+            cases = summary[summary["category"] == category] if category in used else summary.iloc[:0]
+            row[f"{category}_filled_voxels"] = int(cases["filled_total"].sum())
+            row[f"{category}_low_confidence_voxels"] = int(cases["low_confidence_voxels"].sum())
+            row[f"{category}_ignored_voxels"] = int(cases["ignored_voxels"].sum())
+        rows.append(row)
+    columns = ["experiment", *CATEGORIES] + [f"{c}_{n}_voxels" for c in PSEUDO_CATEGORIES
+                                              for n in ("filled", "low_confidence", "ignored")]
+    return pd.DataFrame(rows, columns=columns)
+
+
 def rule_inputs(case: str, strong_cases: Collection[str], merged_cases: Collection[str], raw_label: str | None,
                 pseudo_dir: str) -> dict[str, str]:
     """Named inputs of the merge rule for one case: a strong case needs only its raw label; any other case that
@@ -299,6 +345,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     summary.add_argument("--split", required=True, help="split/split.tsv (case, category)")
     summary.add_argument("--tables", nargs="+", required=True, help="merged/{case}.tsv files")
     summary.add_argument("--output", required=True)
+    students = sub.add_parser("students", help="per student experiment: merged cases and pseudo voxels it trains on")
+    students.add_argument("--summary", required=True, help="merged/summary.tsv")
+    students.add_argument("--categories", required=True, type=json.loads,
+                          help="JSON: experiment -> split categories it trains on (experiments on merged labels)")
+    students.add_argument("--output", required=True)
     return parser.parse_args(argv)
 
 
@@ -309,6 +360,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         tables = {Path(p).name.removesuffix(".tsv"): p for p in args.tables}
         write_text(args.output, summary_table(tables, categories).to_csv(sep="\t", index=False))
         print(f"summary of {len(tables)} merged cases -> {args.output}")
+        return 0
+    if args.command == "students":
+        table = student_table(pd.read_csv(args.summary, sep="\t", dtype={"case": str}), args.categories)
+        for row in table.itertuples(index=False):
+            print(f"{row.experiment}: {row.strong} strong, {row.weak} weak, {row.unlabeled} unlabeled merged cases "
+                  f"({row.unlabeled_ignored_voxels} ignored voxels in the unlabeled ones)")
+        write_text(args.output, table.to_csv(sep="\t", index=False))
         return 0
     labels = args.label_map
     settings = settings_from_config(labels, args.fill_classes, args.min_confidence, args.low_confidence_as)

@@ -8,6 +8,7 @@ Everything nnU-Net-specific is shared with the teacher (:mod:`workflow_scripts.n
 :mod:`workflow_scripts.nnunet.dataset`, :mod:`workflow_scripts.nnunet.ext`); this module only composes it:
 
 * the dataset learns every class of the label map; merged labels written with ``merge.low_confidence_as: ignore``
+  (or, for the unlabeled cases of an ``unlabeled: true`` experiment, ``merge.unlabeled_low_confidence_as``)
   carry the ignore label (highest id + 1), which dataset.json declares as nnU-Net's ``"ignore"`` label, so those
   voxels add nothing to the loss;
 * one plans file holds one configuration per batch size, ``<configuration>_b<batch>_wf``, each inheriting from the
@@ -22,7 +23,7 @@ import json
 import shutil
 import sys
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Collection, Mapping, Sequence
 
 from ..io.label_map import add_label_map_argument, ignore_label
 from ..io.manifest import TrainingCase, read_manifest
@@ -92,12 +93,14 @@ def dataset_classes(labels_config: Sequence[Mapping], with_ignore: bool) -> tupl
     return classes, names
 
 
-def uses_ignore_label(label_source: str, low_confidence_as: str) -> bool:
+def uses_ignore_label(label_source: str, low_confidence_as: Collection[str]) -> bool:
     """Only merged labels written with ``low_confidence_as: ignore`` contain the ignore label.
 
+    ``low_confidence_as`` holds the setting of every pseudo-labelled category the experiment trains on (weak, and
+    unlabeled with its own ``merge.unlabeled_low_confidence_as``): one of them writing the ignore label is enough.
     Declaring it otherwise would switch nnU-Net to its partial-label loss for nothing.
     """
-    return label_source == "merged" and low_confidence_as == "ignore"
+    return label_source == "merged" and "ignore" in low_confidence_as
 
 
 def build_student_dataset(cases: Sequence[TrainingCase], root: str | Path, labels_config: Sequence[Mapping],
