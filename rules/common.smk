@@ -18,7 +18,7 @@ from workflow_scripts.nnunet.dataset import dataset_name
 from workflow_scripts.nnunet.training import fold_name, model_folder
 
 # Wildcard constraint of case ids (and of pseudo shards, named after their first case).
-CASE_ID = CASE_ID_PATTERN.pattern.removeprefix("^").removesuffix("$")
+CASE_ID = CASE_ID_PATTERN.pattern
 
 RESULTS = config["results"]
 LABELS = {entry["id"]: entry for entry in config["labels"]}
