@@ -49,11 +49,14 @@ def res(*parts):
 
 
 def log_path(rule_name, wildcards_part="all"):
-    return os.path.join("logs", rule_name, f"{wildcards_part}.log")
+    """A job's log, under the results folder (not the working directory): runs of different configs, or with
+    results elsewhere, keep their own logs next to their own outputs."""
+    return res("logs", rule_name, f"{wildcards_part}.log")
 
 
 def bench_path(rule_name, wildcards_part="all"):
-    return os.path.join("benchmarks", rule_name, f"{wildcards_part}.tsv")
+    """A job's benchmark table, under the results folder for the same reason as its log."""
+    return res("benchmarks", rule_name, f"{wildcards_part}.tsv")
 
 
 if config["demo"]["enabled"]:

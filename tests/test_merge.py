@@ -544,8 +544,8 @@ def test_merge_rules_build_every_category_and_rerun_on_merge_params(tmp_path: Pa
     summary = pd.read_csv(merged_dir / "summary.tsv", sep="\t").set_index("case")
     assert summary["category"].to_dict() == {"s1": "strong", "w1": "weak"}
     assert summary.loc["w1", "filled_Spleen"] == np.count_nonzero((weak == 0) & (pseudo["w1"] == 2)) > 0
-    assert (tmp_path / "logs" / "merge_case" / "w1.log").read_text().startswith("case w1:")
-    assert (tmp_path / "benchmarks" / "merge_case" / "w1.tsv").exists()
+    assert (tmp_path / "results" / "logs" / "merge_case" / "w1.log").read_text().startswith("case w1:")
+    assert (tmp_path / "results" / "benchmarks" / "merge_case" / "w1.tsv").exists()
     handed = json.loads((tmp_path / "training_labels.json").read_text())
     assert handed["merged"] == {"s1": "results/merged/s1.nii.gz", "w1": "results/merged/w1.nii.gz"}
     assert handed["inputs"] == list(handed["merged"].values())
