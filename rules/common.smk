@@ -188,11 +188,11 @@ def shard_size_of(experiment):
     return config["pseudo" if experiment == "teacher" else "student"]["shard_size"]
 
 
-def prediction_files(experiment):
-    """Per-case predictions of an experiment on the test set."""
+def prediction_files(experiment, cases=None):
+    """Per-case predictions of an experiment on the test set (or on the given test cases)."""
     return [
         os.path.join(prediction_dir(experiment), f"{case}.nii.gz")
-        for case in sorted(TEST)
+        for case in (sorted(TEST) if cases is None else cases)
     ]
 
 
@@ -376,3 +376,17 @@ TEACHER_CHECKPOINT = os.path.join(TEACHER_FOLD, "checkpoint_final.pth")
 # own test-set predictions are scored the same way.
 EVAL_EXPERIMENTS = list(dict.fromkeys(config["eval"]["experiments"] + ["teacher"]))
 TEST_CASES = sorted(TEST)
+# Test cases with a label are scored; the others (real test sets often hold scans nobody annotated) are predicted
+# like every test case, and the evaluation names them as not scored.
+SCORED_TEST_CASES = [case for case in TEST_CASES if TEST[case]["label"] is not None]
+UNSCORED_TEST_CASES = [case for case in TEST_CASES if TEST[case]["label"] is None]
+
+
+def scored_test_labels(wildcards=None):
+    """Input function: the label of every scored test case. Without any, a rule that scores is an error naming the
+    folder (the default targets leave those rules out then, see evaluation.smk)."""
+    if not SCORED_TEST_CASES:
+        raise ValueError(
+            f"no test image has a label in {DATA['test_labels']!r} (config data.test_labels): nothing to score"
+        )
+    return [TEST[case]["label"] for case in SCORED_TEST_CASES]
