@@ -97,12 +97,12 @@ rule figure_qualitative:
         cases=" ".join(SCORED_TEST_CASES),
         label_map=LABEL_MAP,
         experiments=" ".join(OVERLAY_EXPERIMENTS),
-        pred_dirs=" ".join(prediction_dir(e) for e in OVERLAY_EXPERIMENTS),
+        pred_dirs=[prediction_dir(e) for e in OVERLAY_EXPERIMENTS],
         window=" ".join(str(v) for v in config["eval"]["display_window"]),
     shell:
         "{params.py}.evaluation.figures --dpi {params.dpi} qualitative --rank-metrics {input.rank:q} --label-map {params.label_map:q}"
         " --cases {params.cases} --images {input.images:q} --gt {input.gt:q}"
-        " --experiments {params.experiments} --pred-dirs {params.pred_dirs}"
+        " --experiments {params.experiments} --pred-dirs {params.pred_dirs:q}"
         " --window {params.window} --output {output:q} > {log:q} 2>&1"
 
 
