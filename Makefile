@@ -42,4 +42,4 @@ lock: setup
 	$(BIN)/pip freeze --exclude-editable > requirements.lock
 
 clean:
-	rm -rf results logs benchmarks .snakemake
+	rm -rf results .snakemake

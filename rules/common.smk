@@ -24,7 +24,7 @@ from workflow_scripts.nnunet.dataset import dataset_name
 from workflow_scripts.nnunet.training import fold_name, model_folder
 
 # Wildcard constraint of case ids (and of pseudo shards, named after their first case).
-CASE_ID = CASE_ID_PATTERN.pattern.removeprefix("^").removesuffix("$")
+CASE_ID = CASE_ID_PATTERN.pattern
 
 RESULTS = config["results"]
 LABELS = {entry["id"]: entry for entry in config["labels"]}
@@ -55,11 +55,14 @@ def res(*parts):
 
 
 def log_path(rule_name, wildcards_part="all"):
-    return os.path.join("logs", rule_name, f"{wildcards_part}.log")
+    """A job's log, under the results folder (not the working directory): runs of different configs, or with
+    results elsewhere, keep their own logs next to their own outputs."""
+    return res("logs", rule_name, f"{wildcards_part}.log")
 
 
 def bench_path(rule_name, wildcards_part="all"):
-    return os.path.join("benchmarks", rule_name, f"{wildcards_part}.tsv")
+    """A job's benchmark table, under the results folder for the same reason as its log."""
+    return res("benchmarks", rule_name, f"{wildcards_part}.tsv")
 
 
 if config["demo"]["enabled"]:
@@ -212,11 +215,11 @@ def shard_size_of(experiment):
     return config["pseudo" if experiment == "teacher" else "student"]["shard_size"]
 
 
-def prediction_files(experiment):
-    """Per-case predictions of an experiment on the test set."""
+def prediction_files(experiment, cases=None):
+    """Per-case predictions of an experiment on the test set (or on the given test cases)."""
     return [
         os.path.join(prediction_dir(experiment), f"{case}.nii.gz")
-        for case in sorted(TEST)
+        for case in (sorted(TEST) if cases is None else cases)
     ]
 
 
@@ -468,3 +471,19 @@ def predict_model_checkpoints(model):
         f"config predict.model {model!r} is neither 'teacher' nor a student experiment"
         f" (student.experiments: {sorted(config['student']['experiments'])})"
     )
+
+
+# Test cases with a label are scored; the others (real test sets often hold scans nobody annotated) are predicted
+# like every test case, and the evaluation names them as not scored.
+SCORED_TEST_CASES = [case for case in TEST_CASES if TEST[case]["label"] is not None]
+UNSCORED_TEST_CASES = [case for case in TEST_CASES if TEST[case]["label"] is None]
+
+
+def scored_test_labels(wildcards=None):
+    """Input function: the label of every scored test case. Without any, a rule that scores is an error naming the
+    folder (the default targets leave those rules out then, see evaluation.smk)."""
+    if not SCORED_TEST_CASES:
+        raise ValueError(
+            f"no test image has a label in {DATA['test_labels']!r} (config data.test_labels): nothing to score"
+        )
+    return [TEST[case]["label"] for case in SCORED_TEST_CASES]

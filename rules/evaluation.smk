@@ -1,6 +1,9 @@
 # Rules of the evaluation stage (workflow_scripts/evaluation/): FLARE DSC/NSD per experiment (evaluate.py), the
 # per-experiment efficiency table (efficiency_report.py) and the ablation table (ablation.py). EVAL_EXPERIMENTS (the
-# student experiments plus the teacher) and TEST_CASES are in common.smk: rules/report.smk uses them too.
+# student experiments plus the teacher), TEST_CASES and the scored / unscored test cases (those with / without a
+# label) are in common.smk: rules/report.smk and rules/learning.smk use them too.
+
+from snakemake.logging import logger
 
 EVAL_PATTERN = "|".join(EVAL_EXPERIMENTS)
 
@@ -18,8 +21,8 @@ if config["eval"]["rank_experiment"] not in EVAL_EXPERIMENTS:
 
 rule evaluate_experiment:
     input:
-        gt=[TEST[case]["label"] for case in TEST_CASES],
-        pred=lambda wildcards: prediction_files(wildcards.experiment),
+        gt=scored_test_labels,
+        pred=lambda wildcards: prediction_files(wildcards.experiment, SCORED_TEST_CASES),
     output:
         metrics=res("eval", "{experiment}", "metrics.tsv"),
         summary=report(
@@ -43,7 +46,8 @@ rule evaluate_experiment:
         runtime=config["eval"]["runtime"],
     params:
         py=PY,
-        cases=" ".join(TEST_CASES),
+        cases=" ".join(SCORED_TEST_CASES),
+        unscored=" ".join(UNSCORED_TEST_CASES),
         label_map=LABEL_MAP,
         z_crop=(
             " ".join(str(c) for c in config["eval"]["tubular_classes"])
@@ -53,7 +57,8 @@ rule evaluate_experiment:
         nsd_zero_below_dsc=config["eval"]["nsd_zero_below_dsc"],
         tolerances=GEOMETRY_TOLERANCE_ARGS,
     shell:
-        "{params.py}.evaluation.evaluate --cases {params.cases} --gt {input.gt:q} --pred {input.pred:q}"
+        "{params.py}.evaluation.evaluate --cases {params.cases} --unscored {params.unscored}"
+        " --gt {input.gt:q} --pred {input.pred:q}"
         " --label-map {params.label_map:q} --z-crop-classes {params.z_crop}"
         " --nsd-zero-below-dsc {params.nsd_zero_below_dsc} {params.tolerances} --jobs {threads}"
         " --metrics {output.metrics:q} --summary {output.summary:q} > {log:q} 2>&1"
@@ -121,8 +126,18 @@ rule ablation:
         " --output {output:q} > {log:q} 2>&1"
 
 
+# Without any test label nothing is scored: the default targets keep the predictions and their efficiency tables.
+if not SCORED_TEST_CASES:
+    logger.warning(
+        f"No test image has a label in {DATA['test_labels']}: the test set is predicted, not scored"
+        " (no eval/*/metrics.tsv, summary.tsv, ablation, DSC figures or c2f_stages tables)."
+    )
 TARGETS["eval"] = [
     res("eval", experiment, name)
     for experiment in EVAL_EXPERIMENTS
-    for name in ("metrics.tsv", "summary.tsv", "efficiency.tsv")
-] + [res("eval", "ablation.tsv")]
+    for name in (
+        ("metrics.tsv", "summary.tsv", "efficiency.tsv")
+        if SCORED_TEST_CASES
+        else ("efficiency.tsv",)
+    )
+] + ([res("eval", "ablation.tsv")] if SCORED_TEST_CASES else [])

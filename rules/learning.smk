@@ -49,8 +49,8 @@ rule learning_curves:
 
 rule c2f_stages:
     input:
-        gt=[TEST[case]["label"] for case in TEST_CASES],
-        pred=lambda wildcards: prediction_files(wildcards.experiment),
+        gt=scored_test_labels,
+        pred=lambda wildcards: prediction_files(wildcards.experiment, SCORED_TEST_CASES),
         boxes=lambda wildcards: box_tables(wildcards.experiment),
     output:
         report(
@@ -74,7 +74,7 @@ rule c2f_stages:
         runtime=config["eval"]["runtime"],
     params:
         py=PY,
-        cases=" ".join(TEST_CASES),
+        cases=" ".join(SCORED_TEST_CASES),
         label_map=LABEL_MAP,
     shell:
         "{params.py}.evaluation.c2f_stages --cases {params.cases} --gt {input.gt:q}"
@@ -158,7 +158,11 @@ rule label_quality_merged:
 
 TARGETS["learning"] = (
     [res("eval", "learning_curves.tsv"), res("report", "learning_curves.png")]
-    + [res("eval", experiment, "c2f_stages.tsv") for experiment in C2F_EXPERIMENTS]
+    + [
+        res("eval", experiment, "c2f_stages.tsv")
+        for experiment in C2F_EXPERIMENTS
+        if SCORED_TEST_CASES
+    ]
     + (
         [res("eval", "labels", "pseudo.tsv"), res("eval", "labels", "merged.tsv")]
         if TRUTH

@@ -1,6 +1,6 @@
 # Rules of the report stage: the evaluation figures (workflow_scripts/evaluation/figures.py), registered with report() so that
 # `snakemake --report results/report.zip` collects them with the label-statistics figures and the tables.
-# EVAL_EXPERIMENTS and TEST_CASES come from common.smk.
+# EVAL_EXPERIMENTS and SCORED_TEST_CASES (the test cases with a label) come from common.smk.
 
 OVERLAY_EXPERIMENTS = config["eval"]["overlay_experiments"]
 
@@ -67,12 +67,12 @@ rule figure_efficiency:
 rule figure_qualitative:
     input:
         rank=res("eval", config["eval"]["rank_experiment"], "metrics.tsv"),
-        images=[TEST[case]["image"] for case in TEST_CASES],
-        gt=[TEST[case]["label"] for case in TEST_CASES],
+        images=[TEST[case]["image"] for case in SCORED_TEST_CASES],
+        gt=scored_test_labels,
         pred=[
             path
             for experiment in OVERLAY_EXPERIMENTS
-            for path in prediction_files(experiment)
+            for path in prediction_files(experiment, SCORED_TEST_CASES)
         ],
     output:
         report(
@@ -94,19 +94,23 @@ rule figure_qualitative:
     params:
         py=PY,
         dpi=config["eval"]["figure_dpi"],
-        cases=" ".join(TEST_CASES),
+        cases=" ".join(SCORED_TEST_CASES),
         label_map=LABEL_MAP,
         experiments=" ".join(OVERLAY_EXPERIMENTS),
-        pred_dirs=" ".join(prediction_dir(e) for e in OVERLAY_EXPERIMENTS),
+        pred_dirs=[prediction_dir(e) for e in OVERLAY_EXPERIMENTS],
         window=" ".join(str(v) for v in config["eval"]["display_window"]),
     shell:
         "{params.py}.evaluation.figures --dpi {params.dpi} qualitative --rank-metrics {input.rank:q} --label-map {params.label_map:q}"
         " --cases {params.cases} --images {input.images:q} --gt {input.gt:q}"
-        " --experiments {params.experiments} --pred-dirs {params.pred_dirs}"
+        " --experiments {params.experiments} --pred-dirs {params.pred_dirs:q}"
         " --window {params.window} --output {output:q} > {log:q} 2>&1"
 
 
 TARGETS["report"] = [
     res("report", name)
-    for name in ("dsc_boxplots.png", "efficiency.png", "qualitative.png")
+    for name in (
+        ("dsc_boxplots.png", "efficiency.png", "qualitative.png")
+        if SCORED_TEST_CASES
+        else ("efficiency.png",)
+    )
 ]

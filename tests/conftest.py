@@ -141,6 +141,16 @@ def file_states(root: Path) -> dict[str, tuple[int, str]]:
     return states
 
 
+# Per-job records that Snakemake writes under the results folder (logs/, benchmarks/; DESIGN.md): every job that runs
+# rewrites its own, so the artifacts a rerun rewrote are compared without them.
+JOB_RECORDS = ("logs/", "benchmarks/")
+
+
+def artifact_states(results: Path) -> dict[str, tuple[int, str]]:
+    """file_states of a results folder without its job logs and benchmarks."""
+    return {path: state for path, state in file_states(results).items() if not path.startswith(JOB_RECORDS)}
+
+
 def changed_files(before: dict[str, tuple[int, str]], after: dict[str, tuple[int, str]]) -> set[str]:
     """Files rewritten (new mtime) or created between two file_states snapshots."""
     return {path for path, state in after.items() if before.get(path, (None,))[0] != state[0]}

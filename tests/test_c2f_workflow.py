@@ -41,5 +41,5 @@ def test_both_experiments_train_and_predict_the_test_set_then_resume(workflow_di
     (results / "student" / "baseline" / "model" / "model_final.pt").unlink()
     run_workflow(workflow_dir, "results/student/baseline/model/model_final.pt")
     assert (results / "student" / "baseline" / "model" / "model_final.pt").exists()
-    train_log = (workflow_dir / "logs" / "student_train" / "baseline.log").read_text()
+    train_log = (results / "logs" / "student_train" / "baseline.log").read_text()
     assert "resumed from" in train_log and "epoch 1/1" not in train_log

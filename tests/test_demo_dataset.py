@@ -243,11 +243,19 @@ def test_gpu_config_is_complete_and_gpu_sized() -> None:
 
 @pytest.mark.slow
 def test_rule_demo_dataset_runs_in_the_workflow(tmp_path) -> None:
-    run_workflow(tmp_path, "results/demo/dataset.json")
+    """With ``results`` outside the working directory, the job's log and benchmark go there too (DESIGN: under the
+    results folder, so runs of different configs keep their own) and the working directory gets none."""
+    results = tmp_path / "elsewhere"
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump({**yaml.safe_load(TINY_CONFIG.read_text()), "results": str(results)}))
+    workdir = tmp_path / "work"
+    target = str(results / "demo" / "dataset.json")
+    run_workflow(workdir, target, config=config_file)
     config = load_config()
-    dataset = json.loads((tmp_path / "results" / "demo" / "dataset.json").read_text())
+    dataset = json.loads((results / "demo" / "dataset.json").read_text())
     assert dataset["annotation"] == plan(config["demo"]).train
-    assert (tmp_path / "logs" / "demo_dataset" / "all.log").read_text().strip().endswith("processes")
-    assert (tmp_path / "benchmarks" / "demo_dataset" / "all.tsv").is_file()
-    dry = run_workflow(tmp_path, "results/demo/dataset.json", "--dry-run")
+    assert (results / "logs" / "demo_dataset" / "all.log").read_text().strip().endswith("processes")
+    assert (results / "benchmarks" / "demo_dataset" / "all.tsv").is_file()
+    assert not (workdir / "logs").exists() and not (workdir / "benchmarks").exists()
+    dry = run_workflow(workdir, target, "--dry-run", config=config_file)
     assert "Nothing to be done" in dry.stdout + dry.stderr

@@ -108,6 +108,26 @@ def test_cli_writes_metrics_and_summary(tmp_path, cases):
     assert summary.loc[0, "DSC_mean"] == pytest.approx(metrics["Liver_DSC"].mean(), abs=1e-6)
 
 
+def test_cli_scores_labelled_cases_and_names_the_unscored(tmp_path, cases, capsys):
+    """Test images without a label are predicted, not scored: the tables cover the scored cases and say which were
+    left out, and so does the log."""
+    scored = ["c01", "c03"]
+    out_metrics, out_summary = tmp_path / "eval" / "metrics.tsv", tmp_path / "eval" / "summary.tsv"
+    evaluate.main(["--cases", *scored, "--unscored", "c02", "x04", "--gt", *[cases[c][0] for c in scored],
+                   "--pred", *[cases[c][1] for c in scored], "--label-map", json.dumps(LABELS),
+                   "--metrics", str(out_metrics), "--summary", str(out_summary)])
+    assert list(pd.read_csv(out_metrics, sep="\t")["Name"]) == scored
+    summary = pd.read_csv(out_summary, sep="\t")
+    assert (summary["Scored_cases"] == 2).all() and (summary["Unscored_cases"] == "c02,x04").all()
+    assert "scored 2 of 4 test cases; not scored (no label): 2: c02, x04" in capsys.readouterr().out
+    # with every case labelled the log line says just that
+    assert evaluate.coverage_line(scored, []) == "scored 2 of 2 test cases"
+    with pytest.raises(SystemExit):
+        evaluate.main(["--cases", "c01", "--unscored", "c01", "--gt", cases["c01"][0], "--pred", cases["c01"][1],
+                       "--label-map", json.dumps(LABELS), "--metrics", str(out_metrics), "--summary",
+                       str(out_summary)])
+
+
 def write_shard(path: Path, rows: list[tuple]) -> str:
     frame = pd.DataFrame(rows, columns=efficiency_report.COLUMNS)
     frame.to_csv(path, sep="\t", index=False)

@@ -85,7 +85,7 @@ def test_killed_run_resumes_without_redoing_finished_jobs(
     # no finished job ran twice: the two halves add up to exactly the planned jobs
     assert first + second == planned, (first, second, planned)
     # the killed training picked up its checkpoint instead of starting over
-    train_log = (workdir / "logs" / "student_train" / f"{checkpoint.parent.parent.name}.log").read_text()
+    train_log = (workdir / "results" / "logs" / "student_train" / f"{checkpoint.parent.parent.name}.log").read_text()
     assert f"resumed from {checkpoint.relative_to(workdir)}" in train_log, train_log[-2000:]
     # nothing left to do, and the same results as the uninterrupted run, file by file
     assert planned_jobs(workdir, raw_config) == Counter()

@@ -393,6 +393,28 @@ def test_bad_values_name_the_offending_file(tmp_path: Path) -> None:
     assert not out.exists() or not any(out.iterdir())
 
 
+@pytest.mark.parametrize("dtype", [np.int8, np.int16, np.int32])
+def test_signed_pseudo_label_names_case_and_file_and_writes_nothing(tmp_path: Path, dtype) -> None:
+    weak, pseudo, confidence = random_case(8)
+    files = case_files(tmp_path, weak, pseudo.astype(dtype), confidence)
+    out = tmp_path / "merged"
+    with pytest.raises(CaseError, match=f"unsigned integer voxel type.*found {np.dtype(dtype).name}") as err:
+        main(cli_args(files, out))
+    assert err.value.case == "case_01" and err.value.path == str(files["pseudo"])
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_wider_unsigned_pseudo_label_merges_like_uint8(tmp_path: Path) -> None:
+    weak, pseudo, confidence = random_case(8)
+    merged = {}
+    for dtype in (np.uint8, np.uint16):
+        folder = tmp_path / np.dtype(dtype).name
+        folder.mkdir()
+        assert main(cli_args(case_files(folder, weak, pseudo.astype(dtype), confidence), folder / "merged")) == 0
+        merged[dtype] = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "merged" / "case_01.nii.gz")))
+    np.testing.assert_array_equal(merged[np.uint8], merged[np.uint16])
+
+
 def test_cli_failure_exits_nonzero_with_a_clear_message_and_leaves_no_output(tmp_path: Path) -> None:
     weak, pseudo, confidence = random_case(6)
     files = case_files(tmp_path, weak, pseudo, confidence)
@@ -522,8 +544,8 @@ def test_merge_rules_build_every_category_and_rerun_on_merge_params(tmp_path: Pa
     summary = pd.read_csv(merged_dir / "summary.tsv", sep="\t").set_index("case")
     assert summary["category"].to_dict() == {"s1": "strong", "w1": "weak"}
     assert summary.loc["w1", "filled_Spleen"] == np.count_nonzero((weak == 0) & (pseudo["w1"] == 2)) > 0
-    assert (tmp_path / "logs" / "merge_case" / "w1.log").read_text().startswith("case w1:")
-    assert (tmp_path / "benchmarks" / "merge_case" / "w1.tsv").exists()
+    assert (tmp_path / "results" / "logs" / "merge_case" / "w1.log").read_text().startswith("case w1:")
+    assert (tmp_path / "results" / "benchmarks" / "merge_case" / "w1.tsv").exists()
     handed = json.loads((tmp_path / "training_labels.json").read_text())
     assert handed["merged"] == {"s1": "results/merged/s1.nii.gz", "w1": "results/merged/w1.nii.gz"}
     assert handed["inputs"] == list(handed["merged"].values())

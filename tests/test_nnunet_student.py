@@ -240,7 +240,7 @@ def test_workflow_trains_and_predicts_nnunet_student(tmp_path):
                          .read_text())
     assert dataset["labels"]["ignore"] == 15 and dataset["numTraining"] > 0
     for batch in (2, 4):
-        log = next((tmp_path / "logs" / "student_nnunet_train").glob(f"nnunet_b2_*_b{batch}.log")).read_text()
+        log = next((tmp_path / "results" / "logs" / "student_nnunet_train").glob(f"nnunet_b2_*_b{batch}.log")).read_text()
         assert f"batch size {batch}" in log
         assert len(list((tmp_path / "results/student/nnunet_b2/nnunet/results").glob(
             f"*/*3d_fullres_b{batch}_wf/fold_0/checkpoint_final.pth"))) == 1

@@ -83,7 +83,11 @@ def test_shard_cli_writes_every_case_and_its_confidence(tmp_path_factory, tmp_pa
     model = tn.trained_model(tmp_path_factory)
     cases = model["cases"][:2]
     out = tmp_path / "shards" / "0000"
+    leftover = tmp_path / "shards" / ".0000.tmp"  # a killed attempt's temporary folder, with a stale case
+    leftover.mkdir(parents=True)
+    (leftover / "stale.nii.gz").write_bytes(b"")
     pl.main(_shard_argv(model, [c.case for c in cases], [c.image for c in cases], out))
+    assert not (out / "stale.nii.gz").exists() and not leftover.exists()
     for case in cases:
         label_path, confidence_path = pl.case_files(out, case.case)
         image = sitk.ReadImage(case.image)

@@ -326,7 +326,7 @@ def test_workflow_skip_excludes_every_bad_case(tmp_path: Path) -> None:
     assert dict(zip(split["case"], split["category"])) == {
         "lesion": "weak", "nolabel": "unlabeled", "partial": "weak", "strong1": "strong", "strong2": "strong"}
     assert dict(zip(split["case"], split["classes"]))["partial"] == "1,3,5"
-    log = (work / "logs" / "split" / "all.log").read_text()
+    log = (results / "logs" / "split" / "all.log").read_text()
     assert "2 strong, 2 weak, 1 unlabeled" in log
 
 
@@ -337,7 +337,7 @@ def test_workflow_fail_stops_with_message_and_no_outputs(tmp_path: Path) -> None
     proc = run_workflow(work, *TARGETS, "--keep-going", config=config, check=False)
     assert proc.returncode != 0
     label = paths(tmp_path / "data", "bad_spacing_mismatch")[1]
-    log = (work / "logs" / "qc_case" / "bad_spacing_mismatch.log").read_text()
+    log = (work / "results" / "logs" / "qc_case" / "bad_spacing_mismatch.log").read_text()
     assert f"case 'bad_spacing_mismatch' (file {label}): label does not match" in log
     assert "bad_spacing_mismatch" in proc.stdout + proc.stderr
     results = work / "results"

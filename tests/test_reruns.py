@@ -19,10 +19,10 @@ import SimpleITK as sitk
 import yaml
 
 from conftest import (
+    artifact_states,
     changed_files,
     copy_run,
     executed_rules,
-    file_states,
     output_of,
     planned_jobs,
     run_workflow,
@@ -53,10 +53,10 @@ def test_merge_setting_reruns_merge_and_downstream_only(
     untouched = {rule for rule in jobs if rule.startswith(("teacher_", "pseudo_"))} | (UPSTREAM_OF_MERGE & set(jobs))
     assert not untouched, jobs
     # and for real, up to the merge: only merge jobs run, and the stricter threshold changes merged labels
-    before = file_states(workdir / "results")
+    before = artifact_states(workdir / "results")
     ran = executed_rules(output_of(run_workflow(workdir, "--until", "merge_summary", config=changed)))
     assert set(ran) == MERGE_RULES, ran
-    after = file_states(workdir / "results")
+    after = artifact_states(workdir / "results")
     assert after["merged/summary.tsv"][1] != before["merged/summary.tsv"][1]
 
 
@@ -109,15 +109,15 @@ def test_unlabeled_cases_for_one_experiment_rerun_only_that_student(
 @pytest.mark.slow
 def test_forcerun_label_statistics_reruns_only_them(completed_run: Path, raw_config: Path, tmp_path: Path) -> None:
     workdir = copy_run(completed_run, tmp_path / "run")
-    before = file_states(workdir / "results")
+    before = artifact_states(workdir / "results")
     proc = run_workflow(workdir, "--forcerun", "stats_case", "stats_aggregate", "--until", "stats_aggregate",
                         config=raw_config)
     ran = executed_rules(output_of(proc))
     assert set(ran) == {"stats_case", "stats_aggregate"}, ran
-    rewritten = changed_files(before, file_states(workdir / "results"))
+    rewritten = changed_files(before, artifact_states(workdir / "results"))
     assert rewritten and all(path.startswith("stats/") for path in rewritten), rewritten
     # statistics are a pure function of the labels: rerunning them gives the same tables
-    after = file_states(workdir / "results")
+    after = artifact_states(workdir / "results")
     assert all(after[p][1] == before[p][1] for p in rewritten if p.endswith(".tsv")), rewritten
 
 
@@ -134,10 +134,10 @@ def test_deleted_pseudo_label_regenerates_that_case_only(
     # Snakemake leaves a missing intermediate file alone while everything built from it is up to date (as for temp
     # files), so the README names the file to rebuild
     assert planned_jobs(workdir, raw_config) == Counter()
-    before = file_states(workdir / "results")
+    before = artifact_states(workdir / "results")
     proc = run_workflow(workdir, "--until", "merge_summary", "--forcerun", label, config=raw_config)
     assert executed_rules(output_of(proc)) == Counter({"pseudo_case": 1, "merge_case": 1, "merge_summary": 1})
-    rewritten = changed_files(before, file_states(workdir / "results"))
+    rewritten = changed_files(before, artifact_states(workdir / "results"))
     assert f"pseudo/{case}.nii.gz" in rewritten
     assert rewritten - {"merged/summary.tsv"} == {path for path in rewritten if Path(path).name.startswith(case)}
 
@@ -183,7 +183,7 @@ def test_teacher_and_pseudo_labels_then_new_and_edited_weak_cases(raw_dataset: P
     added = f"{first}a"  # sorts right after the first weak case, before all the others
     shutil.copy(raw / "imagesTr" / f"{first}_0000.nii.gz", raw / "imagesTr" / f"{added}_0000.nii.gz")
     shutil.copy(raw / "labelsTr" / f"{first}.nii.gz", raw / "labelsTr" / f"{added}.nii.gz")
-    before = file_states(workdir / "results")
+    before = artifact_states(workdir / "results")
 
     ran = executed_rules(output_of(run_workflow(workdir, "--until", "split", config=config)))
     assert ran == Counter({"qc_case": 2, "stats_case": 2, "qc_summary": 1, "stats_aggregate": 1, "split": 1}), ran
@@ -193,7 +193,7 @@ def test_teacher_and_pseudo_labels_then_new_and_edited_weak_cases(raw_dataset: P
 
     ran = executed_rules(output_of(run_workflow(workdir, "--until", "merge_summary", config=config)))
     assert ran == Counter({"pseudo_shard": 1, "pseudo_case": 1, "merge_case": 2, "merge_summary": 1}), ran
-    rewritten = changed_files(before, file_states(workdir / "results"))
+    rewritten = changed_files(before, artifact_states(workdir / "results"))
     assert not any(path.startswith("teacher/") for path in rewritten), rewritten
     pseudo = {path for path in rewritten if path.startswith("pseudo/")}
     assert {f"pseudo/{added}.nii.gz", f"pseudo/{added}_confidence.nii.gz"} <= pseudo

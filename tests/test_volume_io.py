@@ -83,7 +83,7 @@ def test_case_error_survives_pickling() -> None:
     assert str(error) == "case 'c9' (file /x/c9.nii.gz): broken"
 
 
-@pytest.mark.parametrize("bad", ["with space", "a/b", "../up", ".hidden", "tab\tid", ""])
+@pytest.mark.parametrize("bad", ["with space", "a/b", "../up", ".hidden", "tab\tid", "", "trailing\n"])
 def test_bad_case_ids_are_rejected(bad: str) -> None:
     with pytest.raises(CaseError, match="invalid case id"):
         validate_case_id(bad)

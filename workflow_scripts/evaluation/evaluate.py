@@ -8,6 +8,10 @@ on a one-slice ground truth) are skipped in the means.
 
 Each case is read once (ground truth + prediction) and all classes are scored from that read. A prediction whose
 grid differs from the ground truth's is an error naming the case: resampling silently would change the metric.
+
+Test cases without a label (real test sets often hold scans nobody annotated) are predicted but cannot be scored:
+``metrics.tsv`` holds the scored cases only, and every row of ``summary.tsv`` says how many cases its means cover
+(``Scored_cases``) and which test cases were left out for want of a label (``Unscored_cases``), as does the log.
 """
 from __future__ import annotations
 
@@ -62,8 +66,9 @@ def _summary_row(target: str, kind: str, dsc: pd.Series, nsd: pd.Series) -> dict
     return row
 
 
-def summary_table(metrics: pd.DataFrame, labels: Sequence[Mapping]) -> pd.DataFrame:
-    """Per class mean ± std over cases (organs, then lesions, in label-map order), then the organ average."""
+def summary_table(metrics: pd.DataFrame, labels: Sequence[Mapping], unscored: Sequence[str] = ()) -> pd.DataFrame:
+    """Per class mean ± std over cases (organs, then lesions, in label-map order), then the organ average, each row
+    with the number of scored cases and the ids of the unscored ones (so a mean is never read as the whole set's)."""
     rows = [_summary_row(e["name"], e["kind"], metrics[f"{e['name']}_DSC"], metrics[f"{e['name']}_NSD"])
             for e in labels]
     organs = [e["name"] for e in labels if e["kind"] == "organ"]
@@ -71,8 +76,18 @@ def summary_table(metrics: pd.DataFrame, labels: Sequence[Mapping]) -> pd.DataFr
         rows.append(_summary_row(ORGAN_AVERAGE, "average", metrics[[f"{o}_DSC" for o in organs]].mean(axis=1),
                                  metrics[[f"{o}_NSD" for o in organs]].mean(axis=1)))
     table = pd.DataFrame(rows)
+    table["Scored_cases"] = len(metrics)
+    table["Unscored_cases"] = ",".join(unscored)
     order = {"organ": 0, "lesion": 1, "average": 2}
     return table.sort_values("Kind", key=lambda kind: kind.map(order), kind="stable", ignore_index=True)
+
+
+def coverage_line(scored: Sequence[str], unscored: Sequence[str]) -> str:
+    """The log's account of which test cases the tables cover."""
+    line = f"scored {len(scored)} of {len(scored) + len(unscored)} test cases"
+    if unscored:
+        line += f"; not scored (no label): {len(unscored)}: {', '.join(unscored)}"
+    return line
 
 
 def evaluate_experiment(cases: Sequence[str], gt_paths: Sequence[str], pred_paths: Sequence[str],
@@ -104,7 +119,9 @@ def optional_float(text: str) -> float | None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="FLARE DSC/NSD of one experiment's test-set predictions.")
-    parser.add_argument("--cases", nargs="+", required=True)
+    parser.add_argument("--cases", nargs="+", required=True, help="the test cases to score (those with a label)")
+    parser.add_argument("--unscored", nargs="*", default=[],
+                        help="test cases without a label: predicted, not scored; listed in the summary and the log")
     parser.add_argument("--gt", nargs="+", required=True, help="ground-truth label files, in --cases order")
     parser.add_argument("--pred", nargs="+", required=True, help="prediction files, in --cases order")
     add_label_map_argument(parser)  # with each class's nsd_tolerance_mm
@@ -117,14 +134,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--metrics", required=True, help="output: per-case FLARE table (TSV)")
     parser.add_argument("--summary", required=True, help="output: mean ± std per class (TSV)")
     args = parser.parse_args(argv)
+    both = sorted(set(args.cases) & set(args.unscored))
+    if both:
+        parser.error(f"cases both scored and unscored: {both}")
 
     labels = args.label_map
     metrics = evaluate_experiment(args.cases, args.gt, args.pred, labels, args.z_crop_classes,
                                   args.nsd_zero_below_dsc, tolerances_from_args(args), args.jobs)
-    summary = summary_table(metrics, labels)
+    summary = summary_table(metrics, labels, args.unscored)
     write_tsv(args.metrics, metrics)
     write_tsv(args.summary, summary)
-    print(summary.to_string(index=False))
+    print(coverage_line(args.cases, args.unscored))
+    print(summary.drop(columns=["Scored_cases", "Unscored_cases"]).to_string(index=False))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,9 @@ from typing import Iterator
 import numpy as np
 import SimpleITK as sitk
 
-CASE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# Unanchored: it is matched whole (fullmatch; "$" would let a trailing newline through) and is also the Snakemake
+# wildcard constraint of case ids (rules/common.smk).
+CASE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 class CaseError(Exception):
@@ -38,7 +40,7 @@ class CaseError(Exception):
 
 def validate_case_id(case: str, path: str | os.PathLike | None = None) -> str:
     """Reject ids that would break paths or wildcards (separators, whitespace, leading dots)."""
-    if not CASE_ID_PATTERN.match(case):
+    if not CASE_ID_PATTERN.fullmatch(case):
         raise CaseError(
             case, path, "invalid case id: use letters, digits, '.', '_' or '-' only (no spaces or path separators)"
         )

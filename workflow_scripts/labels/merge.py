@@ -156,6 +156,10 @@ def merge_labels(weak: np.ndarray, pseudo: np.ndarray, confidence: np.ndarray | 
         raise ValueError(f"weak label, pseudo-label and confidence shapes differ: {shapes}")
     if confidence is not None and confidence.dtype != np.uint8:
         raise LabelValuesError("confidence", f"confidence must be uint8 (value / 255), found {confidence.dtype}")
+    if not np.issubdtype(pseudo.dtype, np.unsignedinteger):
+        # copying its voxels into the unsigned merged label would fail with numpy's bare casting TypeError
+        raise LabelValuesError("pseudo", "pseudo-label must have an unsigned integer voxel type (the teacher writes"
+                                         f" uint8), found {pseudo.dtype}")
     if settings.min_confidence > 0 and confidence is None:
         raise ValueError("min_confidence > 0 needs the confidence map")
     n_values = max(settings.label_ids) + 1

@@ -105,7 +105,9 @@ def predict_pseudo_shard(args: argparse.Namespace) -> None:
     ensemble = ensemble_from_args(args)
     out = Path(args.output)
     tmp = out.with_name(f".{out.name}.tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    if tmp.exists():  # left by a killed attempt: its files (maybe of cases no longer in the shard) must not ship
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
 
     def write(case: str, label: np.ndarray, confidence: np.ndarray | None, geometry: Geometry) -> None:
         write_pseudo_label(tmp, case, label, confidence, geometry, rules)
