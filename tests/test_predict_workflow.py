@@ -20,7 +20,7 @@ from conftest import (
     changed_files,
     copy_run,
     executed_rules,
-    file_states,
+    artifact_states,
     output_of,
     planned_jobs,
     run_workflow,
@@ -66,10 +66,10 @@ def predict_only(workdir: Path, config: Path) -> None:
     """Plan and run the predict target: prediction jobs only, and no file outside results/predict/ rewritten."""
     assert planned_jobs(workdir, config, "predict") == PREDICT_JOBS
     assert planned_jobs(workdir, config) == PREDICT_JOBS + Counter({"all": 1})  # rule all adds only these
-    before = file_states(workdir / "results")
+    before = artifact_states(workdir / "results")
     ran = executed_rules(output_of(run_workflow(workdir, "predict", config=config)))
     assert ran == PREDICT_JOBS, ran
-    rewritten = changed_files(before, file_states(workdir / "results"))
+    rewritten = changed_files(before, artifact_states(workdir / "results"))
     assert rewritten and all(path.startswith("predict/") for path in rewritten), rewritten
 
 
@@ -118,7 +118,7 @@ def test_teacher_segments_new_scans_through_the_nnunet_predictor(completed_run: 
                           predict={"images": str(scans), "model": "teacher", "name": "by_teacher"})
     predict_only(workdir, config)
     out = workdir / "results" / "predict" / "by_teacher"
-    log = (workdir / "logs" / "predict_shard" / "by_teacher_0000.log").read_text()
+    log = (workdir / "results" / "logs" / "predict_shard" / "by_teacher_0000.log").read_text()
     assert "FLARE23Ts_0001" in log
     for case in TEST_CASES:  # the teacher's test predictions come from the same predictor and settings
         expected = labels(workdir / "results" / "teacher" / "pred" / f"{case}.nii.gz")
