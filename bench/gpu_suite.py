@@ -69,7 +69,8 @@ def plan_steps(device: str, quick: bool, threads: int, work: Path, names: Sequen
                        str(threads), "--work", str(work), "--result", str(result), *(["--quick"] if quick else [])]
         elif name == "pseudo_label_speed":
             sizes = (["--shape", "32", "32", "16", "--cases", "1", "--train-cases", "2", "--epochs", "1",
-                      "--iterations", "2", "--skip-nnunet"] if quick else ["--shape", "512", "512", "100", "--cases", "3"])
+                      "--iterations", "2", "--skip-nnunet"] if quick
+                     else ["--shape", "512", "512", "100", "--cases", "3"])
             command = [python, str(REPO / "bench" / "pseudo_label_speed.py"), "--device", device, *sizes,
                        "--threads", str(min(threads, 8)), "--summary", str(result)]
         else:  # student_speed

@@ -83,7 +83,8 @@ class FakeNVML(types.ModuleType):
         return SimpleNamespace(used=self.gpus[handle]["used"], total=141 * 2**30)
 
     def nvmlDeviceGetComputeRunningProcesses(self, handle: int) -> list[SimpleNamespace]:
-        return [SimpleNamespace(pid=pid, usedGpuMemory=memory) for pid, memory in self.gpus[handle]["processes"].items()]
+        processes = self.gpus[handle]["processes"]
+        return [SimpleNamespace(pid=pid, usedGpuMemory=memory) for pid, memory in processes.items()]
 
 
 BUS = [PciLocation(0, 0x1B, 0), PciLocation(0, 0x3B, 0), PciLocation(0, 0x86, 0)]

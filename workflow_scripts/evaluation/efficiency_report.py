@@ -2,9 +2,9 @@
 
 Prediction jobs run on shards of test cases (the model is loaded once per shard) and each writes the FLARE
 efficiency measurements of its cases: wall time (s), peak memory (MB) and the area under the memory-time curve
-(MB·s), sampled with :class:`workflow_scripts.evaluation.efficiency.ResourceSampler`. ``MemoryKind`` says whether memory is the
-process's GPU memory (NVML), the whole GPU's, or, on CPU-only runs, the process's resident memory, so a CPU table is
-never mistaken for a GPU one; ``MaxTorch_Mem`` and ``GPU_BusId`` give PyTorch's own peak and the sampled GPU.
+(MB·s), sampled with :class:`workflow_scripts.evaluation.efficiency.ResourceSampler`. ``MemoryKind`` says whether
+memory is the process's GPU memory (NVML), the whole GPU's, or, on CPU-only runs, the process's resident memory, so a
+CPU table is never mistaken for a GPU one; ``MaxTorch_Mem`` and ``GPU_BusId`` give PyTorch's own peak and the GPU.
 This module concatenates the shards into the paper's Table 6 layout and checks that every test case appears once.
 Shard tables written before the GPU columns existed are still read (those columns stay empty).
 """
