@@ -12,7 +12,8 @@ the same synthetic test volumes drawn at ``--shape``, both with mirroring TTA:
   preprocessing and export, the default export (scikit-image resampling of every class's logits on the CPU).
 
 Each method's time is the wall time for all volumes (model loading excluded for both). The voxel agreement
-compares nnU-Net's label maps with our argmax before cleanup (the cleanup is ours alone).
+compares nnU-Net's label maps with our argmax before cleanup (the cleanup is ours alone). ``--summary`` also writes
+the results as JSON (bench/gpu_suite.py collects it).
 
     .venv/bin/python bench/pseudo_label_speed.py                                   # CPU, 2 cores
     .venv/bin/python bench/pseudo_label_speed.py --device cuda --shape 512 512 100  # FLARE-sized, ~0.8x0.8x2.5 mm
@@ -32,13 +33,13 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 import yaml
-from snakemake.utils import validate
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from workflow_scripts.nnunet import training  # noqa: E402
 from workflow_scripts.demo.dataset import DemoParams, flare_ids, generate_case  # noqa: E402
+from workflow_scripts.io.config_defaults import config_with_defaults  # noqa: E402
 from workflow_scripts.nnunet.dataset import TrainingCase, build_dataset, dataset_name  # noqa: E402
 from workflow_scripts.nnunet.ext import configure_environment  # noqa: E402
 from workflow_scripts.labels.postprocess import rules_from_config  # noqa: E402
@@ -49,9 +50,7 @@ DATASET_ID = 986
 
 def demo_config() -> dict:
     """config/config.yaml with the schema defaults filled in (demo anatomy, labels, the tiny teacher)."""
-    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    validate(config, str(REPO / "config" / "schema.yaml"), set_default=True)
-    return config
+    return config_with_defaults(yaml.safe_load((REPO / "config" / "config.yaml").read_text()))
 
 
 def write_cases(config: dict, shape_xyz: list[int] | None, n_cases: int, folder: Path, prefix: str,
@@ -144,29 +143,46 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads and nnU-Net worker processes (1 avoids OpenMP contention on busy CPUs)")
     parser.add_argument("--workdir", help="keep data and the teacher here and reuse them (default: temporary)")
+    parser.add_argument("--skip-nnunet", action="store_true", help="time ours only (a quick check of the script)")
+    parser.add_argument("--summary", help="also write the results as JSON to this file")
     args = parser.parse_args()
     config = demo_config()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.workdir or tmp).resolve()
         configure_environment(root, args.threads)
+        start = time.perf_counter()
         model = trained_teacher(config, root, args)
+        teacher_s = time.perf_counter() - start
         shape = "x".join(map(str, args.shape)) if args.shape else "demo"
         folder = root / f"bench_{shape}"
         folder.mkdir(parents=True, exist_ok=True)
         cases = write_cases(config, args.shape, args.cases, folder, "bench")
         ours_time, ours = run_ours(config, model, cases, folder / "ours", args)
-        nnunet_time = run_nnunet(model, cases, folder / "nnunet", args)
-        ids = np.array([0, *sorted(config["teacher"]["classes"])])  # nnU-Net's consecutive ids -> workflow ids
-        agree = total = 0
-        for case in cases:
-            theirs = ids[sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "nnunet" / f"{case.case}.nii.gz")))]
-            agree += int((theirs == ours[case.case]).sum())
-            total += theirs.size
+        summary = {"shape": shape, "device": args.device, "threads": args.threads, "cases": len(cases),
+                   "teacher_s": teacher_s, "ours_s_per_case": ours_time / len(cases)}
         print(f"\n{len(cases)} volumes ({shape}) on {args.device}, {args.threads} threads, mirroring TTA:")
         print(f"  ours    {ours_time:8.2f} s ({ours_time / len(cases):.2f} s/case, incl. cleanup + confidence map)")
-        print(f"  nnU-Net {nnunet_time:8.2f} s ({nnunet_time / len(cases):.2f} s/case, predict_from_files)")
-        print(f"  speed ratio nnU-Net / ours: {nnunet_time / ours_time:.2f}x (goal >= 3x)")
-        print(f"  voxel agreement: {100 * agree / total:.3f} % (goal >= 99.9 %)")
+        if not args.skip_nnunet:
+            nnunet_time = run_nnunet(model, cases, folder / "nnunet", args)
+            agreement = voxel_agreement(config, cases, folder / "nnunet", ours)
+            summary.update(nnunet_s_per_case=nnunet_time / len(cases),
+                           speed_ratio_nnunet_over_ours=nnunet_time / ours_time, voxel_agreement_pct=agreement)
+            print(f"  nnU-Net {nnunet_time:8.2f} s ({nnunet_time / len(cases):.2f} s/case, predict_from_files)")
+            print(f"  speed ratio nnU-Net / ours: {nnunet_time / ours_time:.2f}x (goal >= 3x)")
+            print(f"  voxel agreement: {agreement:.3f} % (goal >= 99.9 %)")
+        if args.summary:
+            Path(args.summary).write_text(json.dumps(summary, indent=1))
+
+
+def voxel_agreement(config: dict, cases: list[TrainingCase], folder: Path, ours: dict[str, np.ndarray]) -> float:
+    """Percentage of voxels where nnU-Net's label maps in ``folder`` equal our argmax before cleanup."""
+    ids = np.array([0, *sorted(config["teacher"]["classes"])])  # nnU-Net's consecutive ids -> workflow ids
+    agree = total = 0
+    for case in cases:
+        theirs = ids[sitk.GetArrayFromImage(sitk.ReadImage(str(folder / f"{case.case}.nii.gz")))]
+        agree += int((theirs == ours[case.case]).sum())
+        total += theirs.size
+    return 100 * agree / total
 
 
 if __name__ == "__main__":

@@ -10,9 +10,10 @@ Both methods segment the same synthetic CT volumes (the demo's FLARE23-like anat
   all three axes, default export (resampling back and writing), one process (``predict_from_files_sequential``).
 
 Speed and memory do not depend on the weights, so both networks are randomly initialised: nothing is trained.
-Memory is sampled every 0.1 s with ``efficiency.ResourceSampler`` (used GPU memory through NVML on CUDA, including
-the CUDA context as FLARE counts it; process RSS on CPU); on CUDA the peak of PyTorch's own allocations is printed
-too. The first case of each method includes one-off start-up costs and is left out of the medians.
+Memory is sampled every 0.1 s with ``efficiency.ResourceSampler`` (on CUDA this process's memory on its GPU through
+NVML, including the CUDA context as FLARE counts it; process RSS on CPU); on CUDA the peak of PyTorch's own
+allocations is printed too. The first case of each method includes one-off start-up costs and is left out of the
+medians. ``--summary`` also writes the medians and ratios as JSON (bench/gpu_suite.py collects it).
 
     .venv/bin/python bench/student_speed.py --device cuda                      # 512x512x300, the goal's size
     .venv/bin/python bench/student_speed.py --device cpu --shape 160 160 64    # CPU: nnU-Net's TTA is slow there
@@ -22,6 +23,7 @@ Goal on a GPU: student >= 15x faster than nnU-Net, student peak <= 2 GB for a 51
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -29,7 +31,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from snakemake.utils import validate
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -38,6 +39,7 @@ from workflow_scripts.c2f.model import StudentSpec, save_model  # noqa: E402
 from workflow_scripts.c2f.predict import Student, predict_case  # noqa: E402
 from workflow_scripts.demo.dataset import DemoParams, flare_ids, generate_case  # noqa: E402
 from workflow_scripts.evaluation.efficiency import ResourceSampler, Usage  # noqa: E402
+from workflow_scripts.io.config_defaults import config_with_defaults  # noqa: E402
 from workflow_scripts.labels.postprocess import rules_from_config  # noqa: E402
 from workflow_scripts.io.volumes import write_volume  # noqa: E402
 
@@ -45,11 +47,10 @@ DATASET_ID = 987
 DATASET = f"Dataset{DATASET_ID}_StudentSpeed"
 
 
-def schema_defaults() -> dict:
-    """The configuration with every schema default filled in: the full-size settings for real data."""
-    config: dict = {}
-    validate(config, str(REPO / "config" / "schema.yaml"), set_default=True)
-    return config
+def schema_defaults(c2f_overrides: dict) -> dict:
+    """The configuration with every schema default filled in (the full-size settings for real data), with
+    ``c2f_overrides`` applied to ``student.c2f`` (smaller grids for a quick check)."""
+    return config_with_defaults({"student": {"c2f": c2f_overrides}})
 
 
 def write_cases(config: dict, shape_xyz: list[int], n_cases: int, folder: Path) -> list[tuple[Path, Path]]:
@@ -130,15 +131,13 @@ def build_nnunet(config: dict, cases: list[tuple[Path, Path]], device: str, root
     return predictor
 
 
-def measure(run, device: str) -> tuple[Usage, float]:
-    """Resource usage of ``run()`` and, on CUDA, the peak of PyTorch's own allocations in MB (else NaN)."""
+def measure(run, device: str) -> Usage:
+    """Resource usage of ``run()``, starting from an empty CUDA cache so each case's peak is its own."""
     if device == "cuda":
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
     with ResourceSampler(device, 0.1) as sampler:
         run()
-    allocated = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else float("nan")
-    return sampler.usage, allocated
+    return sampler.usage
 
 
 def main() -> None:
@@ -149,9 +148,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads for PyTorch")
     parser.add_argument("--skip-nnunet", action="store_true", help="time the student only")
     parser.add_argument("--workdir", help="keep the synthetic data and models here (default: a temporary folder)")
+    parser.add_argument("--c2f", type=json.loads, default={},
+                        help="JSON overrides of the student's student.c2f settings (default: the schema's full size)")
+    parser.add_argument("--summary", help="also write the summary as JSON to this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    config = schema_defaults()
+    config = schema_defaults(args.c2f)
     rules = rules_from_config(config["postprocess"], config["labels"])
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.workdir or tmp).resolve()
@@ -160,7 +162,7 @@ def main() -> None:
         methods = {"student": build_student(config, args.device, root)}
         if not args.skip_nnunet:
             methods["nnunet"] = build_nnunet(config, cases, args.device, root)
-        results: dict[str, list[tuple[Usage, float]]] = {name: [] for name in methods}
+        results: dict[str, list[Usage]] = {name: [] for name in methods}
         for i, (image, _) in enumerate(cases):
             case = image.name.removesuffix("_0000.nii.gz")
             out = root / "pred"
@@ -172,31 +174,45 @@ def main() -> None:
                 runs["nnunet"] = lambda: methods["nnunet"].predict_from_files_sequential(
                     [[str(image)]], [str(out / "nnunet" / case)], save_probabilities=False, overwrite=True)
             for name, run in runs.items():
-                usage, allocated = measure(run, args.device)
-                results[name].append((usage, allocated))
+                usage = measure(run, args.device)
+                results[name].append(usage)
                 print(f"{case} {name:8s} {usage.time_s:8.2f} s   peak {usage.memory_kind} {usage.peak_mem_mb:8.0f} MB"
-                      f"   torch peak {allocated:8.0f} MB{'   (warm-up)' if i == 0 else ''}", flush=True)
-        report(results, args)
+                      f"   torch peak {usage.torch_peak_mb:8.0f} MB{'   (warm-up)' if i == 0 else ''}", flush=True)
+        summary = summarise(results)
+        report(summary, args)
+        if args.summary:
+            Path(args.summary).write_text(json.dumps({"shape": "x".join(map(str, args.shape)), "device": args.device,
+                                                      "threads": args.threads, **summary}, indent=1))
 
 
-def report(results: dict[str, list[tuple[Usage, float]]], args: argparse.Namespace) -> None:
-    """Medians over the measured (non-warm-up) cases and the nnU-Net / student ratios."""
-    measured = {name: rows[1:] or rows for name, rows in results.items()}
-    summary = {
-        name: (statistics.median(u.time_s for u, _ in rows), max(u.peak_mem_mb for u, _ in rows),
-               max(a for _, a in rows), rows[0][0].memory_kind)
-        for name, rows in measured.items()
-    }
+def summarise(results: dict[str, list[Usage]]) -> dict:
+    """Medians over the measured (non-warm-up) cases per method, and the nnU-Net / student ratios."""
+    summary: dict = {}
+    for name, rows in results.items():
+        measured = rows[1:] or rows
+        summary.update({f"{name}_s_per_case": statistics.median(u.time_s for u in measured),
+                        f"{name}_peak_mb": max(u.peak_mem_mb for u in measured),
+                        f"{name}_torch_peak_mb": max(u.torch_peak_mb for u in measured),
+                        f"{name}_memory_kind": measured[0].memory_kind, "measured_cases": len(measured)})
+    if "nnunet" in results:
+        summary["speedup_nnunet_over_student"] = summary["nnunet_s_per_case"] / summary["student_s_per_case"]
+        summary["memory_ratio_nnunet_over_student"] = summary["nnunet_peak_mb"] / summary["student_peak_mb"]
+    return summary
+
+
+def report(summary: dict, args: argparse.Namespace) -> None:
+    """Print the summary: per method time, peak and torch peak, then the ratios and the goals."""
     print(f"\n{'x'.join(map(str, args.shape))} on {args.device} ({args.threads} threads), median of "
-          f"{len(measured['student'])} case(s):")
-    for name, (time_s, peak, allocated, kind) in summary.items():
-        print(f"  {name:8s} {time_s:8.2f} s/case   peak {kind} {peak:8.0f} MB   torch peak {allocated:8.0f} MB")
-    if "nnunet" in summary:
-        student, nnunet = summary["student"], summary["nnunet"]
-        print(f"  speed-up nnU-Net / student: {nnunet[0] / student[0]:.1f}x (goal on GPU >= 15x); "
-              f"memory ratio {nnunet[1] / student[1]:.1f}x")
+          f"{summary['measured_cases']} case(s):")
+    for name in ("student", "nnunet"):
+        if f"{name}_s_per_case" in summary:
+            print(f"  {name:8s} {summary[f'{name}_s_per_case']:8.2f} s/case   peak {summary[f'{name}_memory_kind']} "
+                  f"{summary[f'{name}_peak_mb']:8.0f} MB   torch peak {summary[f'{name}_torch_peak_mb']:8.0f} MB")
+    if "speedup_nnunet_over_student" in summary:
+        print(f"  speed-up nnU-Net / student: {summary['speedup_nnunet_over_student']:.1f}x (goal on GPU >= 15x); "
+              f"memory ratio {summary['memory_ratio_nnunet_over_student']:.1f}x")
     if args.device == "cuda":
-        print(f"  student peak GPU memory {summary['student'][1] / 1024:.2f} GB (goal <= 2 GB)")
+        print(f"  student peak GPU memory {summary['student_peak_mb'] / 1024:.2f} GB (goal <= 2 GB)")
 
 
 if __name__ == "__main__":

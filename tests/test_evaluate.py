@@ -129,19 +129,29 @@ def test_cli_scores_labelled_cases_and_names_the_unscored(tmp_path, cases, capsy
 
 
 def write_shard(path: Path, rows: list[tuple]) -> str:
-    frame = pd.DataFrame(rows, columns=efficiency_report.COLUMNS)
+    frame = pd.DataFrame(rows, columns=efficiency_report.COLUMNS[:len(rows[0])])
     frame.to_csv(path, sep="\t", index=False)
     return str(path)
 
 
 def test_efficiency_shards_are_merged_sorted(tmp_path):
-    a = write_shard(tmp_path / "0000.tsv", [("c02", 2.0, 900.0, 1500.0, "64x64x40", "rss")])
-    b = write_shard(tmp_path / "0001.tsv", [("c01", 1.5, 800.0, 1000.0, "64x64x36", "rss"),
-                                             ("c03", 2.5, 950.0, 2100.0, "64x64x44", "rss")])
+    a = write_shard(tmp_path / "0000.tsv", [("c02", 2.0, 900.0, 1500.0, "64x64x40", "gpu", 700.0, "00000000:3B:00.0")])
+    b = write_shard(tmp_path / "0001.tsv", [("c01", 1.5, 800.0, 1000.0, "64x64x36", "gpu", 650.0, "00000000:3B:00.0"),
+                                             ("c03", 2.5, 950.0, 2100.0, "64x64x44", "gpu", 720.0, "00000000:3B:00.0")])
     table = efficiency_report.merge_shard_tables([a, b], ["c01", "c02", "c03"])
     assert list(table["Name"]) == ["c01", "c02", "c03"]
     assert list(table.columns) == efficiency_report.COLUMNS
     assert table.loc[1, "ImageSize"] == "64x64x40"
+    assert table["MaxTorch_Mem"].tolist() == [650.0, 700.0, 720.0]
+    assert set(table["GPU_BusId"]) == {"00000000:3B:00.0"}
+
+
+def test_efficiency_tables_without_gpu_columns_are_still_merged(tmp_path):
+    """A shard written before MaxTorch_Mem and GPU_BusId existed (or on CPU, where they are empty) still merges."""
+    old = write_shard(tmp_path / "0000.tsv", [("c01", 1.5, 800.0, 1000.0, "64x64x36", "rss")])
+    table = efficiency_report.merge_shard_tables([old], ["c01"])
+    assert list(table.columns) == efficiency_report.COLUMNS
+    assert table[["MaxTorch_Mem", "GPU_BusId"]].isna().all().all()
 
 
 def test_efficiency_merge_rejects_bad_shards(tmp_path):

@@ -12,6 +12,7 @@ import SimpleITK as sitk
 import yaml
 from conftest import TINY_CONFIG, run_workflow
 
+from workflow_scripts.evaluation.efficiency import EFFICIENCY_COLUMNS
 from workflow_scripts.io.manifest import TrainingCase, read_manifest, write_manifest
 from workflow_scripts.nnunet import student as ns
 from workflow_scripts.nnunet.ext import configure_environment
@@ -245,7 +246,7 @@ def test_workflow_trains_and_predicts_nnunet_student(tmp_path):
         assert len(list((tmp_path / "results/student/nnunet_b2/nnunet/results").glob(
             f"*/*3d_fullres_b{batch}_wf/fold_0/checkpoint_final.pth"))) == 1
     table = pd.read_csv(tmp_path / pred / "efficiency" / "0000.tsv", sep="\t")
-    assert list(table.columns) == ["Name", "Time", "MaxGPU_Mem", "AUC_GPU_Time", "ImageSize", "MemoryKind"]
+    assert list(table.columns) == EFFICIENCY_COLUMNS
     ids = {0} | set(dataset["workflow_label_ids"].values()) - {15}  # classes the model can predict
     for case in table["Name"]:
         image = sitk.ReadImage(str(tmp_path / "results/demo/imagesTs" / f"{case}_0000.nii.gz"))

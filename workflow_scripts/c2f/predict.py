@@ -152,7 +152,7 @@ def predict_shard(student: Student, cases: Sequence[str], images: Sequence[str],
         boxes.append(box_row(cases[i], box))
         return size
 
-    table = measure_cases(cases, run_case, student.device.type, interval_s)
+    table = measure_cases(cases, run_case, str(student.device), interval_s)
     return table, pd.DataFrame(boxes, columns=BOX_COLUMNS).astype({c: "Int64" for c in BOX_COLUMNS[1:]})
 
 

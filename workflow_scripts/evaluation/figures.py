@@ -80,7 +80,8 @@ def efficiency_plot(tables: Mapping[str, pd.DataFrame]) -> plt.Figure:
         kinds.add(kind)
         time_axis.plot(size.iloc[order], table["Time"].iloc[order], "o-", label=experiment)
         memory_axis.plot(size.iloc[order], table["MaxGPU_Mem"].iloc[order], "o-", label=f"{experiment} ({kind})")
-    memory_name = {"gpu": "peak GPU memory (MB)", "rss": "peak resident memory, CPU run (MB)"}
+    memory_name = {"gpu": "peak GPU memory of the process (MB)", "gpu_device": "peak used memory of the whole GPU (MB)",
+                   "rss": "peak resident memory, CPU run (MB)"}
     time_axis.set(xlabel="image size (million voxels)", ylabel="running time per case (s)")
     memory_axis.set(xlabel="image size (million voxels)",
                     ylabel=memory_name.get(kinds.pop(), "peak memory (MB)") if len(kinds) == 1 else "peak memory (MB)")

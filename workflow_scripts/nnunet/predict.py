@@ -213,7 +213,7 @@ def predict_shard(ensemble: Ensemble, cases: Sequence[str], images: Sequence[str
         write(cases[index], labels, confidence, geometry)
         return "x".join(str(n) for n in geometry.size)
 
-    return measure_cases(cases, run_case, ensemble.device.type, sample_interval_s)
+    return measure_cases(cases, run_case, str(ensemble.device), sample_interval_s)
 
 
 def cleaned_label_writer(outputs: Mapping[str, str], postprocess: Mapping, labels: Sequence[Mapping]) -> Writer:
