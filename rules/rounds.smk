@@ -129,13 +129,18 @@ rule round_merge_case:
         inputs=lambda wildcards, input: input_flags(input.items()),
         label_map=LABEL_MAP,
         fill_classes=" ".join(str(c) for c in ROUND_FILL_CLASSES),
+        pseudo_classes=" ".join(str(c) for c in LABELS),
         min_confidence=lambda wildcards: merge_setting(wildcards.case, "min_confidence"),
         low_confidence_as=lambda wildcards: merge_setting(
             wildcards.case, "low_confidence_as"
         ),
         tolerances=GEOMETRY_TOLERANCE_ARGS,
     shell:
-        MERGE_CASE_COMMAND
+        # the pseudo-labeller is a student: its pseudo-labels hold every class, those outside fill_classes are dropped
+        MERGE_CASE_COMMAND.replace(
+            "{params.inputs}",
+            "{params.inputs} --pseudo-classes {params.pseudo_classes}",
+        )
 
 
 # a round's summary.tsv also matches round_merge_case's {case}.tsv (round 1's summary has no wildcard, so Snakemake
