@@ -149,8 +149,9 @@ def predict_case(student: Student, case: str, image_path: str, output_path: str,
     orientation = reorientation(geometry.direction)
     canonical = orientation.to_canonical(volume)
     del volume
-    labels, box, confidence = segment_with_confidence(
-        student, canonical, orientation.spacing_zyx(geometry.spacing_zyx), margin_mm, rules, confidence_path is not None)
+    spacing_zyx = orientation.spacing_zyx(geometry.spacing_zyx)
+    labels, box, confidence = segment_with_confidence(student, canonical, spacing_zyx, margin_mm, rules,
+                                                      confidence_path is not None)
     if confidence is not None:
         write_volume(confidence_path, orientation.from_canonical(confidence), geometry)
     if box is None:
