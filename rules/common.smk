@@ -8,10 +8,13 @@ import sys
 import typing
 
 import pandas as pd
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
 from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
 from workflow_scripts.demo.plan import plan as demo_plan, truth_path
 from workflow_scripts.ingest.rounds import (
+    RoundsConfigError,
     check_rounds,
     later_rounds,
     retrained_experiments,
@@ -503,6 +506,16 @@ ROUNDS = config["rounds"]
 ROUND_EXPERIMENTS = retrained_experiments(config["student"]["experiments"])
 check_rounds(ROUNDS, ROUND_EXPERIMENTS, config["student"]["c2f"])
 LATER_ROUNDS = later_rounds(ROUNDS["count"])
+if LATER_ROUNDS:
+    # the schema sees rounds.c2f as a free object: the later rounds' student settings are validated as round 1's
+    try:
+        validate(
+            {"student": {"c2f": round_c2f(config["student"]["c2f"], ROUNDS, 2)}},
+            schema="../config/schema.yaml",
+            set_default=False,
+        )
+    except WorkflowError as err:
+        raise RoundsConfigError(f"config rounds.c2f: {err}") from None
 # restricts the {round} wildcard to the configured later rounds (nothing matches with count 1)
 ROUND_PATTERN = "|".join(str(k) for k in LATER_ROUNDS) or "(?!)"
 ROUND_EXPERIMENT_PATTERN = "|".join(ROUND_EXPERIMENTS) or "(?!)"

@@ -5,6 +5,7 @@ round runs end to end without rewriting a round-1 artifact, and a change of a ro
 reruns only round 2 (or adds only round 3)."""
 from __future__ import annotations
 
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import (
+    TINY_CONFIG,
     artifact_states,
     changed_files,
     copy_run,
@@ -75,6 +77,15 @@ def test_rounds_table_has_every_round_of_the_retrained_students_next_to_the_othe
     assert side_by_side(["baseline", "teacher", "two_stage"], ["two_stage"], 3) == [
         ("baseline", "baseline", 1), ("teacher", "teacher", 1), ("two_stage_round1", "two_stage", 1),
         ("two_stage_round2", "two_stage", 2), ("two_stage_round3", "two_stage", 3)]
+
+
+def test_planning_stops_on_a_later_round_student_setting_round_one_would_reject(tmp_path: Path) -> None:
+    """rounds.c2f is a free object in the schema: its values are validated as student.c2f's, before any job."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rounds: {count: 2, c2f: {epochs: 0}}\n")
+    proc = run_workflow(tmp_path / "run", "--dry-run", "--configfile", str(TINY_CONFIG), str(bad), check=False)
+    assert proc.returncode != 0
+    assert re.search(r"config rounds.c2f: .*0 is less than the minimum of 1", output_of(proc), re.S), output_of(proc)
 
 
 # --- the workflow on a copy of the finished tiny run ------------------------------------------------------------
