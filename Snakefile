@@ -1,7 +1,7 @@
 """Two-stage weak-label segmentation of abdominal CT (organs + pan-cancer lesions).
 
 Stages: demo data -> QC -> label statistics -> split -> nnU-Net teacher -> TTA pseudo-labels -> label merging
--> student retraining -> evaluation and report. See README.md and ../shared/DESIGN.md.
+-> student retraining (optionally repeated in rounds) -> evaluation and report. See README.md and ../shared/DESIGN.md.
 """
 
 from snakemake.utils import min_version, validate
@@ -33,6 +33,7 @@ include: "rules/merge.smk"
 include: "rules/student.smk"
 include: "rules/student_nnunet.smk"
 include: "rules/evaluation.smk"
+include: "rules/rounds.smk"
 include: "rules/report.smk"
 include: "rules/learning.smk"
 include: "rules/predict.smk"

@@ -8,9 +8,19 @@ import sys
 import typing
 
 import pandas as pd
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
 from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
 from workflow_scripts.demo.plan import plan as demo_plan, truth_path
+from workflow_scripts.ingest.rounds import (
+    RoundsConfigError,
+    check_rounds,
+    later_rounds,
+    retrained_experiments,
+    round_c2f,
+    round_folder,
+)
 from workflow_scripts.ingest.students import (
     pseudo_labels_unlabeled,
     training_categories,
@@ -487,3 +497,49 @@ def scored_test_labels(wildcards=None):
             f"no test image has a label in {DATA['test_labels']!r} (config data.test_labels): nothing to score"
         )
     return [TEST[case]["label"] for case in SCORED_TEST_CASES]
+
+
+# Later rounds (rules/rounds.smk, README "Rounds"): who is retrained, the {round} wildcard's values, what the merge
+# fills, and where a round's files live.
+
+ROUNDS = config["rounds"]
+ROUND_EXPERIMENTS = retrained_experiments(config["student"]["experiments"])
+check_rounds(ROUNDS, ROUND_EXPERIMENTS, config["student"]["c2f"])
+LATER_ROUNDS = later_rounds(ROUNDS["count"])
+if LATER_ROUNDS:
+    # the schema sees rounds.c2f as a free object: the later rounds' student settings are validated as round 1's
+    try:
+        validate(
+            {"student": {"c2f": round_c2f(config["student"]["c2f"], ROUNDS, 2)}},
+            schema="../config/schema.yaml",
+            set_default=False,
+        )
+    except WorkflowError as err:
+        raise RoundsConfigError(f"config rounds.c2f: {err}") from None
+# restricts the {round} wildcard to the configured later rounds (nothing matches with count 1)
+ROUND_PATTERN = "|".join(str(k) for k in LATER_ROUNDS) or "(?!)"
+ROUND_EXPERIMENT_PATTERN = "|".join(ROUND_EXPERIMENTS) or "(?!)"
+ROUND_FILL_CLASSES = (
+    config["teacher"]["classes"]
+    if ROUNDS["fill_classes"] is None
+    else ROUNDS["fill_classes"]
+)
+# the students evaluated in every round: retrained ones that eval.experiments names
+ROUND_EVAL_EXPERIMENTS = [
+    e for e in ROUND_EXPERIMENTS if e in config["eval"]["experiments"]
+]
+
+
+def round_res(round_number, *parts):
+    """Path of an artifact of a round: round 1's where it always was, later rounds' under round<k>/."""
+    return res(round_folder(int(round_number)), *parts)
+
+
+def round_model(round_number, experiment):
+    """A c2f student's trained model in a round."""
+    return round_res(round_number, "student", experiment, "model", "model_final.pt")
+
+
+def round_c2f_setting(round_number, key):
+    """A student.c2f setting as the round's student was trained (and is applied) with."""
+    return round_c2f(config["student"]["c2f"], ROUNDS, int(round_number))[key]

@@ -6,6 +6,31 @@
 from snakemake.logging import logger
 
 EVAL_PATTERN = "|".join(EVAL_EXPERIMENTS)
+# The commands of an experiment's scoring and of the ablation table, also of the later rounds' (rules/rounds.smk).
+EVALUATE_COMMAND = (
+    "{params.py}.evaluation.evaluate --cases {params.cases} --unscored {params.unscored}"
+    " --gt {input.gt:q} --pred {input.pred:q}"
+    " --label-map {params.label_map:q} --z-crop-classes {params.z_crop}"
+    " --nsd-zero-below-dsc {params.nsd_zero_below_dsc} {params.tolerances} --jobs {threads}"
+    " --metrics {output.metrics:q} --summary {output.summary:q} > {log:q} 2>&1"
+)
+EVALUATE_PARAMS = dict(
+    py=PY,
+    cases=" ".join(SCORED_TEST_CASES),
+    unscored=" ".join(UNSCORED_TEST_CASES),
+    label_map=LABEL_MAP,
+    z_crop=(
+        " ".join(str(c) for c in config["eval"]["tubular_classes"])
+        if config["eval"]["tubular_z_crop"]
+        else ""
+    ),
+    nsd_zero_below_dsc=config["eval"]["nsd_zero_below_dsc"],
+    tolerances=GEOMETRY_TOLERANCE_ARGS,
+)
+ABLATION_COMMAND = (
+    "{params.py}.evaluation.ablation --experiments {params.experiments} --summaries {input:q}"
+    " --output {output:q} > {log:q} 2>&1"
+)
 
 for key in ("ablation", "overlay_experiments"):
     unknown = sorted(set(config["eval"][key]) - set(EVAL_EXPERIMENTS))
@@ -45,23 +70,9 @@ rule evaluate_experiment:
         mem_mb=config["eval"]["mem_mb"],
         runtime=config["eval"]["runtime"],
     params:
-        py=PY,
-        cases=" ".join(SCORED_TEST_CASES),
-        unscored=" ".join(UNSCORED_TEST_CASES),
-        label_map=LABEL_MAP,
-        z_crop=(
-            " ".join(str(c) for c in config["eval"]["tubular_classes"])
-            if config["eval"]["tubular_z_crop"]
-            else ""
-        ),
-        nsd_zero_below_dsc=config["eval"]["nsd_zero_below_dsc"],
-        tolerances=GEOMETRY_TOLERANCE_ARGS,
+        **EVALUATE_PARAMS,
     shell:
-        "{params.py}.evaluation.evaluate --cases {params.cases} --unscored {params.unscored}"
-        " --gt {input.gt:q} --pred {input.pred:q}"
-        " --label-map {params.label_map:q} --z-crop-classes {params.z_crop}"
-        " --nsd-zero-below-dsc {params.nsd_zero_below_dsc} {params.tolerances} --jobs {threads}"
-        " --metrics {output.metrics:q} --summary {output.summary:q} > {log:q} 2>&1"
+        EVALUATE_COMMAND
 
 
 rule efficiency_experiment:
@@ -122,8 +133,7 @@ rule ablation:
         py=PY,
         experiments=" ".join(config["eval"]["ablation"]),
     shell:
-        "{params.py}.evaluation.ablation --experiments {params.experiments} --summaries {input:q}"
-        " --output {output:q} > {log:q} 2>&1"
+        ABLATION_COMMAND
 
 
 # Without any test label nothing is scored: the default targets keep the predictions and their efficiency tables.

@@ -5,6 +5,18 @@
 
 import shlex
 
+# The commands scoring pseudo-labels and merged labels against the truth, of round 1 and of later rounds.
+LABEL_QUALITY_PSEUDO_COMMAND = (
+    "{params.py}.evaluation.label_quality --cases {params.cases} --truth {input.truth:q}"
+    " --labels {input.labels:q} --classes {params.classes} --label-map {params.label_map:q}"
+    " --output {output:q} > {log:q} 2>&1"
+)
+LABEL_QUALITY_MERGED_COMMAND = (
+    "{params.py}.evaluation.label_quality --cases {params.cases} --truth {input.truth:q}"
+    " --labels {input.labels:q} --split {input.split:q} --label-map {params.label_map:q}"
+    " --output {output:q} > {log:q} 2>&1"
+)
+
 
 rule learning_curves:
     input:
@@ -114,9 +126,7 @@ rule label_quality_pseudo:
         classes=" ".join(str(c) for c in TEACHER["classes"]),
         label_map=LABEL_MAP,
     shell:
-        "{params.py}.evaluation.label_quality --cases {params.cases} --truth {input.truth:q}"
-        " --labels {input.labels:q} --classes {params.classes} --label-map {params.label_map:q}"
-        " --output {output:q} > {log:q} 2>&1"
+        LABEL_QUALITY_PSEUDO_COMMAND
 
 
 rule label_quality_merged:
@@ -151,9 +161,83 @@ rule label_quality_merged:
         cases=lambda wildcards: " ".join(with_truth(merged_label_cases())),
         label_map=LABEL_MAP,
     shell:
-        "{params.py}.evaluation.label_quality --cases {params.cases} --truth {input.truth:q}"
-        " --labels {input.labels:q} --split {input.split:q} --label-map {params.label_map:q}"
-        " --output {output:q} > {log:q} 2>&1"
+        LABEL_QUALITY_MERGED_COMMAND
+
+
+# The same scores of a later round's pseudo-labels (the classes it may fill) and merged labels (README, "Rounds"):
+# whether the round-k student labels the weak cases better than the teacher did.
+rule round_label_quality_pseudo:
+    input:
+        truth=lambda wildcards: [
+            TRUTH[case] for case in with_truth(pseudo_labelled_cases())
+        ],
+        labels=lambda wildcards: [
+            res(f"round{wildcards.round}", "pseudo", f"{case}.nii.gz")
+            for case in with_truth(pseudo_labelled_cases())
+        ],
+    output:
+        report(
+            res("round{round}", "eval", "labels", "pseudo.tsv"),
+            category="Learning",
+            caption="../report/label_quality.rst",
+            labels={"table": "pseudo-labels vs truth (round {round})"},
+        ),
+    log:
+        log_path("round_label_quality_pseudo", "round{round}"),
+    benchmark:
+        bench_path("round_label_quality_pseudo", "round{round}")
+    wildcard_constraints:
+        round=ROUND_PATTERN,
+    conda:
+        "../envs/base.yaml"
+    threads: 1
+    resources:
+        mem_mb=config["eval"]["mem_mb"],
+        runtime=config["eval"]["runtime"],
+    params:
+        py=PY,
+        cases=lambda wildcards: " ".join(with_truth(pseudo_labelled_cases())),
+        classes=" ".join(str(c) for c in ROUND_FILL_CLASSES),
+        label_map=LABEL_MAP,
+    shell:
+        LABEL_QUALITY_PSEUDO_COMMAND
+
+
+rule round_label_quality_merged:
+    input:
+        split=lambda wildcards: checkpoints.split.get().output.split,
+        truth=lambda wildcards: [
+            TRUTH[case] for case in with_truth(merged_label_cases())
+        ],
+        labels=lambda wildcards: [
+            res(f"round{wildcards.round}", "merged", f"{case}.nii.gz")
+            for case in with_truth(merged_label_cases())
+        ],
+    output:
+        report(
+            res("round{round}", "eval", "labels", "merged.tsv"),
+            category="Learning",
+            caption="../report/label_quality.rst",
+            labels={"table": "merged labels vs truth (round {round})"},
+        ),
+    log:
+        log_path("round_label_quality_merged", "round{round}"),
+    benchmark:
+        bench_path("round_label_quality_merged", "round{round}")
+    wildcard_constraints:
+        round=ROUND_PATTERN,
+    conda:
+        "../envs/base.yaml"
+    threads: 1
+    resources:
+        mem_mb=config["eval"]["mem_mb"],
+        runtime=config["eval"]["runtime"],
+    params:
+        py=PY,
+        cases=lambda wildcards: " ".join(with_truth(merged_label_cases())),
+        label_map=LABEL_MAP,
+    shell:
+        LABEL_QUALITY_MERGED_COMMAND
 
 
 TARGETS["learning"] = (
@@ -168,4 +252,10 @@ TARGETS["learning"] = (
         if TRUTH
         else []
     )
+    + [
+        res(f"round{number}", "eval", "labels", name)
+        for number in LATER_ROUNDS
+        for name in ("pseudo.tsv", "merged.tsv")
+        if TRUTH
+    ]
 )

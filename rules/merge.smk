@@ -5,6 +5,18 @@
 
 from workflow_scripts.labels.merge import input_flags, rule_inputs
 
+# The command of a case's merge, also of the later rounds' (rules/rounds.smk).
+MERGE_CASE_COMMAND = (
+    "{params.py}.labels.merge case --case {wildcards.case} {params.inputs}"
+    " --label-map {params.label_map:q} --fill-classes {params.fill_classes}"
+    " --min-confidence {params.min_confidence} --low-confidence-as {params.low_confidence_as}"
+    " {params.tolerances} --output-label {output.label:q} --output-table {output.table:q} > {log:q} 2>&1"
+)
+MERGE_SUMMARY_COMMAND = (
+    "{params.py}.labels.merge summary --split {input.split:q} --tables {input.tables:q}"
+    " --output {output:q} > {log:q} 2>&1"
+)
+
 
 rule merge_case:
     input:
@@ -43,10 +55,7 @@ rule merge_case:
         ),
         tolerances=GEOMETRY_TOLERANCE_ARGS,
     shell:
-        "{params.py}.labels.merge case --case {wildcards.case} {params.inputs}"
-        " --label-map {params.label_map:q} --fill-classes {params.fill_classes}"
-        " --min-confidence {params.min_confidence} --low-confidence-as {params.low_confidence_as}"
-        " {params.tolerances} --output-label {output.label:q} --output-table {output.table:q} > {log:q} 2>&1"
+        MERGE_CASE_COMMAND
 
 
 rule merge_summary:
@@ -70,8 +79,7 @@ rule merge_summary:
     params:
         py=PY,
     shell:
-        "{params.py}.labels.merge summary --split {input.split:q} --tables {input.tables:q}"
-        " --output {output:q} > {log:q} 2>&1"
+        MERGE_SUMMARY_COMMAND
 
 
 # How many merged cases of each category every student on merged labels trains on, and the pseudo voxels filled,

@@ -7,6 +7,22 @@ import json
 
 from workflow_scripts.io.label_map import ignore_label
 
+# The commands of a c2f student's training and test-set prediction, also of the later rounds' (rules/rounds.smk).
+STUDENT_TRAIN_COMMAND = (
+    "{params.py}.c2f.train --manifest {input.manifest:q} --c2f {params.c2f:q}"
+    " --label-ids {params.label_ids} --ignore-label {params.ignore}"
+    " --work-dir {params.work_dir:q} --model {output.model:q} --log {output.log:q}"
+    " --device {params.device} --threads {threads} > {log:q} 2>&1"
+)
+STUDENT_PREDICT_COMMAND = (
+    "{params.py}.c2f.predict --model {input.model:q} --cases {params.cases}"
+    " --images {input.images:q} --outputs {output.predictions:q}"
+    " --efficiency {output.efficiency:q} --boxes {output.boxes:q} --label-map {params.label_map:q}"
+    " --postprocess {params.postprocess:q} --margin-mm {params.margin_mm}"
+    " --device {params.device} --amp {params.amp} --threads {threads}"
+    " --interval {params.interval} > {log:q} 2>&1"
+)
+
 
 rule student_manifest:
     input:
@@ -58,10 +74,7 @@ rule student_train:
         work_dir=lambda wildcards: res("student", wildcards.experiment, "checkpoints"),
         device=config["device"],
     shell:
-        "{params.py}.c2f.train --manifest {input.manifest:q} --c2f {params.c2f:q}"
-        " --label-ids {params.label_ids} --ignore-label {params.ignore}"
-        " --work-dir {params.work_dir:q} --model {output.model:q} --log {output.log:q}"
-        " --device {params.device} --threads {threads} > {log:q} 2>&1"
+        STUDENT_TRAIN_COMMAND
 
 
 # One prediction job per shard of test cases (prediction_shards in common.smk).
@@ -105,12 +118,7 @@ for student_shard in prediction_shards(
             interval=config["eval"]["gpu_sample_interval_s"],
             device=config["device"],
         shell:
-            "{params.py}.c2f.predict --model {input.model:q} --cases {params.cases}"
-            " --images {input.images:q} --outputs {output.predictions:q}"
-            " --efficiency {output.efficiency:q} --boxes {output.boxes:q} --label-map {params.label_map:q}"
-            " --postprocess {params.postprocess:q} --margin-mm {params.margin_mm}"
-            " --device {params.device} --amp {params.amp} --threads {threads}"
-            " --interval {params.interval} > {log:q} 2>&1"
+            STUDENT_PREDICT_COMMAND
 
 
 # One self-contained file of a trained student (networks + inference settings + label map), for

@@ -72,6 +72,49 @@ def test_box_is_the_coarse_foreground_on_the_full_grid_plus_the_margin_in_mm() -
     assert (labels[inside] == 1).all() and (labels[~inside] == 0).all()
 
 
+class ScaledNet(FixedLabelNet):
+    """A FixedLabelNet whose logits are scaled: a known max softmax probability per stage."""
+
+    def __init__(self, indices: np.ndarray, scale: float) -> None:
+        super().__init__(indices)
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * self.scale
+
+
+def test_confidence_map_is_the_fine_stages_inside_its_box_and_the_coarse_stages_outside(tmp_path) -> None:
+    """Pseudo-labels of a later round (README, "Rounds") come from the student: its confidence map is encoded as the
+    teacher's (round(255 * max softmax probability)), so merge.min_confidence means the same for both."""
+    coarse = np.zeros((10, 20, 20), np.uint8)
+    coarse[4:6, 8:12, 8:12] = 1
+    spec = StudentSpec((0, 1, 2, 3), (-325.0, 325.0), coarse.shape, (8, 8, 8), (4, 8), (4, 8), 1)
+    student = predict.Student(spec, ScaledNet(coarse, 1.0), ScaledNet(np.ones((8, 8, 8), np.uint8), 4.0),
+                              torch.device("cpu"), "none")
+    volume = np.zeros((20, 40, 40), np.int16)
+    labels, box, confidence = predict.segment_with_confidence(student, volume, (5.0, 1.0, 1.0), 10, RULES)
+    assert np.array_equal(labels, predict.segment(student, volume, (5.0, 1.0, 1.0), 10, RULES)[0])
+    assert confidence.shape == volume.shape and confidence.dtype == np.uint8
+    inside = np.zeros(volume.shape, bool)
+    inside[box] = True
+    # one-hot logits times s over 4 classes: max softmax probability e^s / (e^s + 3)
+    assert (confidence[inside] == round(255 * np.e ** 4 / (np.e ** 4 + 3))).all()
+    assert (confidence[~inside] == round(255 * np.e / (np.e + 3))).all()
+    assert predict.segment_with_confidence(student, volume, (5.0, 1.0, 1.0), 10, RULES, False)[2] is None
+
+
+def test_cli_writes_confidence_maps_with_the_input_geometry_when_asked(tmp_path) -> None:
+    random_student(tmp_path)
+    image = _write_case(tmp_path, "a")
+    output, confidence = tmp_path / "a.nii.gz", tmp_path / "a_confidence.nii.gz"
+    predict.main(_cli_args(tmp_path, ["a"], [image], [str(output)]) + ["--confidences", str(confidence)])
+    written, source = sitk.ReadImage(str(confidence)), sitk.ReadImage(image)
+    assert written.GetPixelID() == sitk.sitkUInt8 and Geometry.of(written) == Geometry.of(source)
+    assert sitk.GetArrayFromImage(written).max() > 0
+    with pytest.raises(SystemExit):  # one confidence map per case
+        predict.main(_cli_args(tmp_path, ["a"], [image], [str(output)]) + ["--confidences", "x", "y"])
+
+
 def test_empty_coarse_prediction_falls_back_to_the_whole_volume() -> None:
     fine = np.zeros((6, 12, 12), np.uint8)
     fine[1:5, 2:6, 2:6] = 2

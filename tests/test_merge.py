@@ -192,6 +192,23 @@ def test_values_outside_the_label_map_or_teacher_classes_are_rejected() -> None:
     assert err.value.which == "confidence"
 
 
+def test_a_student_pseudo_label_may_hold_every_class_and_only_the_fill_classes_fill() -> None:
+    """A later round's pseudo-labeller (README, "Rounds") is a student that predicts the lesion too: with
+    pseudo_classes its lesion voxels are accepted and dropped (lesion not a fill class), or filled where the lesion
+    is one; annotated voxels never change either way."""
+    weak = np.array([[[2, 0, 0, 0, 0]]], np.uint8)
+    pseudo = np.array([[[6, 6, 3, 0, 6]]], np.uint8)
+    every = settings_from_config(LABELS, ORGANS, 0.0, "background", LABEL_IDS)
+    result = merge_labels(weak, pseudo, np.full_like(weak, 255), every)
+    np.testing.assert_array_equal(result.merged, [[[2, 0, 3, 0, 0]]])
+    assert result.pseudo_voxels[6] == 3 and result.filled[6] == 0
+    with_lesion = settings_from_config(LABELS, LABEL_IDS, 0.0, "background", LABEL_IDS)
+    np.testing.assert_array_equal(merge_labels(weak, pseudo, np.full_like(weak, 255), with_lesion).merged,
+                                  [[[2, 6, 3, 0, 6]]])
+    with pytest.raises(ValueError, match=r"pseudo classes \[8\] are not in the label map"):
+        settings_from_config(LABELS, ORGANS, 0.0, "background", [1, 8])
+
+
 def test_ignore_label_is_one_above_the_highest_id() -> None:
     schema = yaml.safe_load((REPO / "config" / "schema.yaml").read_text())
     assert ignore_label(schema["properties"]["labels"]["default"]) == 15  # FLARE23: ids 1-14

@@ -48,11 +48,18 @@ class Student:
         spec, coarse, fine = load_model(path, device)
         return cls(spec, coarse, fine, torch.device(device), amp)
 
-    def classify(self, net: EfficientSegNet, net_input: torch.Tensor) -> torch.Tensor:
-        """Class-index map (uint8) of ``net`` on a (1, 1, Z, Y, X) input from :func:`c2f_data.model_input`."""
+    def classify(self, net: EfficientSegNet, net_input: torch.Tensor, with_confidence: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Class-index map (uint8) of ``net`` on a (1, 1, Z, Y, X) input from :func:`c2f_data.model_input`, and with
+        ``with_confidence`` its confidence map: uint8 ``round(255 * max softmax probability)``, the encoding of the
+        teacher's pseudo-labels (:mod:`workflow_scripts.labels.pseudo`), so the merge's filter reads both alike."""
         with autocast(self.device, self.amp):
             logits = net(net_input)
-        return logits.argmax(1)[0].to(torch.uint8)
+        indices = logits.argmax(1)[0].to(torch.uint8)
+        if not with_confidence:
+            return indices, None
+        probability = torch.softmax(logits.float(), 1).amax(1)[0]
+        return indices, torch.round(probability * 255).to(torch.uint8)
 
 
 def to_device(volume: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -67,22 +74,27 @@ def to_device(volume: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 def coarse_box(student: Student, volume: torch.Tensor, spacing_zyx: Sequence[float], margin_mm: float,
-               rules: Mapping[int, ComponentRule]) -> data.Box | None:
-    """Foreground box on the original grid, grown by ``margin_mm``; None when the coarse stage finds nothing.
+               rules: Mapping[int, ComponentRule], with_confidence: bool = False
+               ) -> tuple[data.Box | None, torch.Tensor | None]:
+    """Foreground box on the original grid, grown by ``margin_mm`` (None when the coarse stage finds nothing), and
+    with ``with_confidence`` the coarse stage's confidence map on the original grid (what the fine stage's replaces
+    inside the box).
 
     The coarse labels are cleaned first (on the coarse grid, with its coarser spacing) so a stray false-positive
     island cannot stretch the box across the body.
     """
     shape = tuple(volume.shape)
     net_input = data.model_input(volume, student.spec.window, student.spec.coarse_size)
-    indices = student.classify(student.coarse, net_input).cpu().numpy()
+    indices, confidence = student.classify(student.coarse, net_input, with_confidence)
+    if confidence is not None:
+        confidence = data.resize_labels(confidence, shape)
     coarse_spacing = [s * n / c for s, n, c in zip(spacing_zyx, shape, student.spec.coarse_size)]
-    labels = clean_components(to_label_ids(indices, student.spec.class_ids), coarse_spacing, rules)
+    labels = clean_components(to_label_ids(indices.cpu().numpy(), student.spec.class_ids), coarse_spacing, rules)
     box = foreground_box(labels)
     if box is None:
-        return None
+        return None, confidence
     margin = data.margin_voxels(margin_mm, spacing_zyx)
-    return data.expand_box(data.scale_box(box, student.spec.coarse_size, shape), margin, margin, shape)
+    return data.expand_box(data.scale_box(box, student.spec.coarse_size, shape), margin, margin, shape), confidence
 
 
 def to_label_ids(indices: np.ndarray, class_ids: Sequence[int]) -> np.ndarray:
@@ -90,38 +102,58 @@ def to_label_ids(indices: np.ndarray, class_ids: Sequence[int]) -> np.ndarray:
     return np.asarray(class_ids, dtype=np.uint8)[indices]
 
 
-@torch.inference_mode()
 def segment(student: Student, volume: np.ndarray, spacing_zyx: Sequence[float], margin_mm: float,
             rules: Mapping[int, ComponentRule]) -> tuple[np.ndarray, data.Box | None]:
     """Label ids (uint8, same shape as ``volume``) and the box the fine stage used (None: whole volume)."""
-    device_volume = to_device(volume, student.device)
-    shape = tuple(device_volume.shape)
-    box = coarse_box(student, device_volume, spacing_zyx, margin_mm, rules)
-    fine_box = box or data.whole_box(shape)
-    net_input = data.model_input(device_volume[fine_box], student.spec.window, student.spec.fine_size)
-    del device_volume  # the fine network's full-resolution activations need the room
-    crop_indices = student.classify(student.fine, net_input)
-    crop_indices = data.resize_labels(crop_indices, data.box_shape(fine_box))
-    indices = data.uncrop(crop_indices, fine_box, shape).cpu().numpy()
-    labels = clean_components(to_label_ids(indices, student.spec.class_ids), spacing_zyx, rules)
+    labels, box, _ = segment_with_confidence(student, volume, spacing_zyx, margin_mm, rules, False)
     return labels, box
 
 
+@torch.inference_mode()
+def segment_with_confidence(student: Student, volume: np.ndarray, spacing_zyx: Sequence[float], margin_mm: float,
+                            rules: Mapping[int, ComponentRule], with_confidence: bool = True
+                            ) -> tuple[np.ndarray, data.Box | None, np.ndarray | None]:
+    """:func:`segment` plus, with ``with_confidence``, a uint8 confidence map of the same shape: the fine stage's
+    inside its box, the coarse stage's outside it (where the coarse stage decided on background). A student used as
+    the pseudo-labeller of a later round (README, "Rounds") writes it, so the merge filters its pseudo voxels by
+    confidence as it does the teacher's."""
+    device_volume = to_device(volume, student.device)
+    shape = tuple(device_volume.shape)
+    box, confidence = coarse_box(student, device_volume, spacing_zyx, margin_mm, rules, with_confidence)
+    fine_box = box or data.whole_box(shape)
+    net_input = data.model_input(device_volume[fine_box], student.spec.window, student.spec.fine_size)
+    del device_volume  # the fine network's full-resolution activations need the room
+    crop_indices, crop_confidence = student.classify(student.fine, net_input, with_confidence)
+    crop_indices = data.resize_labels(crop_indices, data.box_shape(fine_box))
+    indices = data.uncrop(crop_indices, fine_box, shape).cpu().numpy()
+    labels = clean_components(to_label_ids(indices, student.spec.class_ids), spacing_zyx, rules)
+    if confidence is None:
+        return labels, box, None
+    confidence[fine_box] = data.resize_labels(crop_confidence, data.box_shape(fine_box))
+    return labels, box, confidence.cpu().numpy()
+
+
 def predict_case(student: Student, case: str, image_path: str, output_path: str, margin_mm: float,
-                 rules: Mapping[int, ComponentRule]) -> tuple[str, data.Box | None]:
+                 rules: Mapping[int, ComponentRule], confidence_path: str | None = None
+                 ) -> tuple[str, data.Box | None]:
     """Read, segment and write one case; returns its size as ``XxYxZ`` (the paper's Table 6 convention) and the
     fine stage's box in the file's own voxel order (None: the coarse stage found nothing and the fine stage saw
     the whole volume).
 
     The networks work in the canonical orientation (:mod:`workflow_scripts.io.orientation`), as in training, so
     a scan stored with flipped or permuted axes gets the same segmentation in physical space; the labels are
-    turned back to the file's own order and written with its exact geometry.
+    turned back to the file's own order and written with its exact geometry. With ``confidence_path`` the
+    confidence map (:func:`segment_with_confidence`) is written there the same way.
     """
     volume, geometry = read_volume(image_path, case)
     orientation = reorientation(geometry.direction)
     canonical = orientation.to_canonical(volume)
     del volume
-    labels, box = segment(student, canonical, orientation.spacing_zyx(geometry.spacing_zyx), margin_mm, rules)
+    spacing_zyx = orientation.spacing_zyx(geometry.spacing_zyx)
+    labels, box, confidence = segment_with_confidence(student, canonical, spacing_zyx, margin_mm, rules,
+                                                      confidence_path is not None)
+    if confidence is not None:
+        write_volume(confidence_path, orientation.from_canonical(confidence), geometry)
     if box is None:
         print(f"{case}: the coarse stage found no foreground; the fine stage ran on the whole volume", flush=True)
     else:
@@ -139,16 +171,19 @@ def box_row(case: str, box: data.Box | None) -> list:
 
 
 def predict_shard(student: Student, cases: Sequence[str], images: Sequence[str], outputs: Sequence[str],
-                  margin_mm: float, rules: Mapping[int, ComponentRule], interval_s: float
-                  ) -> tuple[pd.DataFrame, pd.DataFrame]:
+                  margin_mm: float, rules: Mapping[int, ComponentRule], interval_s: float,
+                  confidences: Sequence[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Predict every case of a shard, measuring each read->write (:func:`measure_cases`); returns the efficiency
-    table and the fine-stage boxes (scored against the truth by :mod:`workflow_scripts.evaluation.c2f_stages`)."""
-    if not len(cases) == len(images) == len(outputs):
-        raise ValueError(f"{len(cases)} cases, {len(images)} images and {len(outputs)} outputs")
+    table and the fine-stage boxes (scored against the truth by :mod:`workflow_scripts.evaluation.c2f_stages`).
+    With ``confidences`` (one path per case) each case's confidence map is written too."""
+    if not len(cases) == len(images) == len(outputs) == len(confidences or outputs):
+        raise ValueError(f"{len(cases)} cases, {len(images)} images, {len(outputs)} outputs"
+                         f" and {len(confidences or [])} confidence maps")
     boxes = []
 
     def run_case(i: int) -> str:
-        size, box = predict_case(student, cases[i], images[i], outputs[i], margin_mm, rules)
+        size, box = predict_case(student, cases[i], images[i], outputs[i], margin_mm, rules,
+                                 confidences[i] if confidences else None)
         boxes.append(box_row(cases[i], box))
         return size
 
@@ -164,6 +199,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--outputs", required=True, nargs="+", help="one output label file per case, same order")
     parser.add_argument("--efficiency", required=True, help="output TSV, one row per case")
     parser.add_argument("--boxes", help="output TSV: the fine stage's box per case (test set: rule c2f_stages)")
+    parser.add_argument("--confidences", nargs="+",
+                        help="output confidence map per case, same order (pseudo-labels of a later round)")
     add_label_map_argument(parser)
     parser.add_argument("--postprocess", required=True, help="the 'postprocess' config section as JSON")
     parser.add_argument("--margin-mm", type=float, required=True)
@@ -172,14 +209,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--interval", type=float, default=0.1, help="resource sampling interval in seconds")
     args = parser.parse_args(argv)
-    if not len(args.cases) == len(args.images) == len(args.outputs):
-        parser.error("--cases, --images and --outputs need the same number of entries")
+    if not len(args.cases) == len(args.images) == len(args.outputs) == len(args.confidences or args.outputs):
+        parser.error("--cases, --images, --outputs (and --confidences) need the same number of entries")
     torch.set_num_threads(args.threads)
     rules = rules_from_config(json.loads(args.postprocess), args.label_map)
     student = Student.load(args.model, args.device, args.amp)
     try:
         table, boxes = predict_shard(student, args.cases, args.images, args.outputs, args.margin_mm, rules,
-                                     args.interval)
+                                     args.interval, args.confidences)
     except CaseError as err:
         sys.exit(f"error: {err}")
     write_efficiency_table(args.efficiency, table)

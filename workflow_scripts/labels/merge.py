@@ -94,6 +94,9 @@ class MergeSettings:
     min_confidence: float  # pseudo voxels with confidence / 255 below this are not filled
     low_confidence_as: str  # what those voxels become: "background" or "ignore"
     ignore: int  # the ignore label id, see :func:`workflow_scripts.io.label_map.ignore_label`
+    # classes the pseudo-label may hold (None: fill_classes). A later round's pseudo-labeller, a student, predicts
+    # every class of the label map; those outside fill_classes (the lesion, by default) are then dropped, not an error
+    pseudo_classes: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.low_confidence_as not in LOW_CONFIDENCE_AS:
@@ -103,6 +106,9 @@ class MergeSettings:
         unknown = sorted(set(self.fill_classes) - set(self.label_ids))
         if unknown:
             raise ValueError(f"fill classes {unknown} are not in the label map {sorted(self.label_ids)}")
+        unknown = sorted(set(self.pseudo_classes or ()) - set(self.label_ids))
+        if unknown:
+            raise ValueError(f"pseudo classes {unknown} are not in the label map {sorted(self.label_ids)}")
         if self.ignore <= max(self.label_ids):
             raise ValueError(f"ignore label {self.ignore} collides with the label ids (max {max(self.label_ids)})")
 
@@ -123,13 +129,14 @@ def category_settings(merge: Mapping, category: str) -> tuple[float, str]:
 
 
 def settings_from_config(labels: Sequence[Mapping], fill_classes: Sequence[int], min_confidence: float,
-                         low_confidence_as: str) -> MergeSettings:
+                         low_confidence_as: str, pseudo_classes: Sequence[int] | None = None) -> MergeSettings:
     return MergeSettings(
         label_ids=tuple(int(entry["id"]) for entry in labels),
         fill_classes=tuple(int(c) for c in fill_classes),
         min_confidence=float(min_confidence),
         low_confidence_as=low_confidence_as,
         ignore=ignore_label(labels),
+        pseudo_classes=None if pseudo_classes is None else tuple(int(c) for c in pseudo_classes),
     )
 
 
@@ -165,7 +172,7 @@ def merge_labels(weak: np.ndarray, pseudo: np.ndarray, confidence: np.ndarray | 
     n_values = max(settings.label_ids) + 1
     annotated = class_counts(weak, settings.label_ids, "weak", n_values) > 0
     annotated[0] = False
-    pseudo_counts = class_counts(pseudo, settings.fill_classes, "pseudo", n_values)
+    pseudo_counts = class_counts(pseudo, settings.pseudo_classes or settings.fill_classes, "pseudo", n_values)
 
     # fillable[v]: pseudo value v is a teacher class that the weak label does not annotate anywhere
     fillable = np.zeros(n_values, dtype=bool)
@@ -340,6 +347,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     case.add_argument("--confidence", help="the pseudo-label's confidence map (uint8, value / 255)")
     add_label_map_argument(case)
     case.add_argument("--fill-classes", type=int, nargs="+", required=True, help="teacher.classes")
+    case.add_argument("--pseudo-classes", type=int, nargs="+",
+                      help="classes the pseudo-label may hold (default: --fill-classes); the others are not filled")
     case.add_argument("--min-confidence", type=float, default=0.0)
     case.add_argument("--low-confidence-as", choices=LOW_CONFIDENCE_AS, default="background")
     add_tolerance_arguments(case)
@@ -373,7 +382,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_text(args.output, table.to_csv(sep="\t", index=False))
         return 0
     labels = args.label_map
-    settings = settings_from_config(labels, args.fill_classes, args.min_confidence, args.low_confidence_as)
+    settings = settings_from_config(labels, args.fill_classes, args.min_confidence, args.low_confidence_as,
+                                    args.pseudo_classes)
     result = merge_case(args.case, args.weak, args.pseudo, args.confidence, settings, labels, args.output_label,
                         args.output_table, tolerances_from_args(args))
     filled = {int(c): int(n) for c, n in enumerate(result.filled) if n}
