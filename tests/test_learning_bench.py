@@ -1,0 +1,135 @@
+"""The learning benchmark's --beyond-paper extras (bench/learning.py): the config it adds, its stages and its goals, on
+hand-made tables (fast, nothing trains; the benchmark itself is run by hand, README "Learning benchmark")."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from snakemake.utils import validate
+
+from conftest import merged
+
+REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("learning_bench", REPO / "bench" / "learning.py")
+learning = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(learning)
+
+TARGETS = ["Liver", "Spleen", "RK", "LK", "Stomach", "Pancreas", "Lesion", "Organ average"]
+
+
+def rounds_table(unlabeled: tuple[float, float], round1: tuple[float, float],
+                 round2: tuple[float, float]) -> pd.DataFrame:
+    """An eval/rounds.tsv with (organ average, lesion) DSC per retrained model; the class rows are filler."""
+    table = pd.DataFrame({"Target": TARGETS, "baseline_DSC": 0.5, "baseline_NSD": 0.5, "teacher_DSC": 0.6})
+    for column, (organs, lesion) in {"two_stage_round1": round1, "two_stage_round2": round2,
+                                     "two_stage_unlabeled_round1": unlabeled,
+                                     "two_stage_unlabeled_round2": unlabeled}.items():
+        table[f"{column}_DSC"] = [0.7] * 6 + [lesion, organs]
+        table[f"{column}_NSD"] = 0.0
+    return table
+
+
+def verdicts(rounds: pd.DataFrame) -> dict[str, bool]:
+    return {goal: passed for goal, _, _, passed in learning.beyond_paper_goals(rounds)}
+
+
+def test_the_extras_pass_when_at_least_as_good_ties_included() -> None:
+    outcome = verdicts(rounds_table(unlabeled=(0.75, 0.30), round1=(0.75, 0.27), round2=(0.76, 0.20)))
+    assert outcome == {"two_stage_unlabeled Organ average": True, "two_stage_unlabeled Lesion": True,
+                       "two_stage round 2 Organ average": True}
+
+
+@pytest.mark.parametrize("unlabeled, round2, failed", [
+    ((0.74, 0.30), (0.76, 0.27), "two_stage_unlabeled Organ average"),
+    ((0.76, 0.26), (0.76, 0.27), "two_stage_unlabeled Lesion"),
+    ((0.76, 0.30), (0.749, 0.30), "two_stage round 2 Organ average"),
+])
+def test_each_extra_fails_alone_when_worse(unlabeled, round2, failed) -> None:
+    outcome = verdicts(rounds_table(unlabeled=unlabeled, round1=(0.75, 0.27), round2=round2))
+    assert [goal for goal, passed in outcome.items() if not passed] == [failed]
+
+
+def test_goal_rows_carry_the_measured_value_and_what_it_is_compared_with() -> None:
+    rows = learning.beyond_paper_goals(rounds_table(unlabeled=(0.70, 0.10), round1=(0.75, 0.27), round2=(0.8, 0.3)))
+    assert rows[0] == ("two_stage_unlabeled Organ average", 0.70, ">= two_stage 0.750", False)
+    assert rows[2] == ("two_stage round 2 Organ average", 0.8, ">= round 1 0.750", True)
+
+
+def test_the_compact_table_has_organ_average_and_lesion_of_every_model() -> None:
+    rows = learning.beyond_paper_rows(rounds_table(unlabeled=(0.7, 0.1), round1=(0.75, 0.27), round2=(0.8, 0.3)))
+    assert list(rows.columns) == ["Organ average", "Lesion"]
+    assert list(rows.index) == ["baseline", "teacher", "two_stage_round1", "two_stage_round2",
+                                "two_stage_unlabeled_round1", "two_stage_unlabeled_round2"]
+    assert rows.loc["two_stage_round2"].tolist() == [0.8, 0.3]
+
+
+def test_the_default_goals_still_read_an_ablation_table_with_the_extra_column() -> None:
+    ablation = pd.DataFrame({"Target": TARGETS, "baseline_DSC": 0.5, "teacher_DSC": 0.9, "two_stage_DSC": 0.9,
+                             "two_stage_unlabeled_DSC": 0.1})
+    stages = pd.DataFrame({"box_holds_foreground": [True] * 8})
+    assert [goal for goal, *_ in learning.goals(ablation, stages)][-3:] == [
+        "two_stage Lesion", "baseline organ average", "c2f coarse box holds the foreground"]
+
+
+def test_the_extras_config_adds_the_experiment_and_a_round_and_keeps_the_default(tmp_path: Path) -> None:
+    base = REPO / "config" / "learning.yaml"
+    plain = yaml.safe_load(learning.write_config(base, tmp_path, 7).read_text())
+    extras = yaml.safe_load(learning.write_config(base, tmp_path, 7, extras=True).read_text())
+    assert yaml.safe_load((tmp_path / "learning_config.yaml").read_text()) == plain  # the default stays the default
+    assert "rounds" not in plain and "eval" not in plain
+    assert extras["student"]["experiments"] == {
+        "two_stage_unlabeled": {"labels": "merged", "model": "c2f", "unlabeled": True}}
+    assert extras["eval"] == {"experiments": ["two_stage", "baseline", "two_stage_unlabeled"],
+                              "ablation": ["baseline", "teacher", "two_stage", "two_stage_unlabeled"]}
+    assert extras["rounds"] == {"count": 2}
+    assert {key: value for key, value in extras.items() if key not in ("student", "eval", "rounds")} == {
+        key: value for key, value in plain.items() if key != "student"}
+    assert extras["student"]["c2f"] == plain["student"]["c2f"]
+    # as Snakemake sees it (config/config.yaml, then the file's mappings merged in): valid, paper experiments kept
+    config = merged(yaml.safe_load((REPO / "config" / "config.yaml").read_text()), extras)
+    validate(config, str(REPO / "config" / "schema.yaml"), set_default=True)
+    assert set(config["student"]["experiments"]) == {"two_stage", "baseline", "two_stage_unlabeled"}
+
+
+def test_the_extras_extend_eval_lists_a_config_sets_and_leave_the_input_alone() -> None:
+    config = {"eval": {"experiments": ["two_stage"], "ablation": ["teacher", "two_stage"]}, "rounds": {"c2f": {}}}
+    extras = learning.beyond_paper(config, {"eval": {"experiments": ["unused"], "ablation": ["unused"]}})
+    assert extras["eval"] == {"experiments": ["two_stage", "two_stage_unlabeled"],
+                              "ablation": ["teacher", "two_stage", "two_stage_unlabeled"]}
+    assert extras["rounds"] == {"c2f": {}, "count": 2}
+    assert config == {"eval": {"experiments": ["two_stage"], "ablation": ["teacher", "two_stage"]},
+                      "rounds": {"c2f": {}}}
+
+
+def test_the_extra_stages_come_after_the_default_ones_and_ask_for_the_extra_models_only() -> None:
+    assert [name for name, _ in learning.STAGES][-1] == "predictions, evaluation, report"
+    targets = [target.format(results="R") for _, stage in learning.BEYOND_PAPER_STAGES for target in stage]
+    assert targets == ["R/student/two_stage_unlabeled/model/model_final.pt",
+                       "R/round2/student/two_stage/model/model_final.pt",
+                       "R/round2/student/two_stage_unlabeled/model/model_final.pt"]
+    # every stage's wall time is its own entry
+    assert not {name for name, _ in learning.STAGES} & {name for name, _ in learning.BEYOND_PAPER_STAGES}
+
+
+def test_the_report_prints_the_extras_and_their_goals_decide_the_outcome(tmp_path: Path, capsys) -> None:
+    """The whole printing path on a fake finished run: every default goal passes, so the extras decide."""
+    (tmp_path / "eval" / "two_stage").mkdir(parents=True)
+    ablation = pd.DataFrame({"Target": TARGETS, "baseline_DSC": [0.5] * 6 + [0.0, 0.5], "teacher_DSC": 0.9,
+                             "two_stage_DSC": 0.9, "two_stage_unlabeled_DSC": 0.9})
+    ablation.to_csv(tmp_path / "eval" / "ablation.tsv", sep="\t", index=False)
+    pd.DataFrame({"box_holds_foreground": [True] * 8}).to_csv(tmp_path / "eval" / "two_stage" / "c2f_stages.tsv",
+                                                             sep="\t", index=False)
+    rounds = tmp_path / "eval" / "rounds.tsv"
+    rounds_table(unlabeled=(0.9, 0.9), round1=(0.9, 0.9), round2=(0.9, 0.9)).to_csv(rounds, sep="\t", index=False)
+    assert learning.report(tmp_path, {"round 2 pseudo-labels, merge and students": 600.0}, extras=True)
+    printed = capsys.readouterr().out
+    assert "== beyond the paper" in printed and "two_stage_unlabeled_round2" in printed
+    assert "PASS  two_stage round 2 Organ average" in printed and "round 2 pseudo-labels, merge and students" in printed
+    rounds_table(unlabeled=(0.9, 0.9), round1=(0.9, 0.9), round2=(0.8, 0.9)).to_csv(rounds, sep="\t", index=False)
+    assert not learning.report(tmp_path, {}, extras=True)
+    assert "FAIL  two_stage round 2 Organ average" in capsys.readouterr().out
+    assert learning.report(tmp_path, {})  # without the flag the extras are neither read nor judged
