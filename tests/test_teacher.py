@@ -103,27 +103,6 @@ def test_environment_is_per_job_and_finds_the_trainer(tmp_path):
     assert "nnUNet_raw" not in nnunet_environment(None, 1)
 
 
-@pytest.mark.parametrize("threads, device, expected", [
-    (1, "cpu", (1, 0)), (2, "cpu", (1, 1)), (3, "cpu", (2, 1)), (8, "cpu", (4, 4)),
-    (1, "cuda", (1, 0)), (8, "cuda", (8, 7)),
-])
-def test_cores_are_split_between_the_network_and_augmentation_workers(threads, device, expected):
-    """On CPU augmentation is ~40 % of an iteration: with two cores it must overlap with the network, not follow it."""
-    assert training.split_threads(threads, device) == expected
-
-
-def test_thread_split_rejects_no_cores():
-    with pytest.raises(ValueError, match="threads"):
-        training.split_threads(0, "cpu")
-
-
-def test_two_cpu_cores_train_with_an_augmentation_worker(tmp_path):
-    """The CPU path with augmentation in a worker process trains and writes the final checkpoint."""
-    prepared = tn.prepare(tmp_path, 973, n_cases=2)
-    assert tn.train(prepared, threads=2).exists()
-    assert os.environ["nnUNet_n_proc_DA"] == "1"
-
-
 def test_configuration_inherits_and_overrides_only_what_is_set(prepared):
     plans = prepared["plans"]
     custom = plans["configurations"][training.custom_configuration(tn.CONFIGURATION)]

@@ -70,9 +70,9 @@ def prepare(tmp: Path, dataset_id: int, n_cases: int = 3, batch_size: int = 2, *
     return {"root": root, "name": name, "dataset": dataset, "plans": plans, "cases": cases, "id": dataset_id}
 
 
-def train(prepared: dict, threads: int = 1) -> Path:
+def train(prepared: dict) -> Path:
     """Train (1 epoch of 2 iterations by default) and return checkpoint_final.pth."""
-    return training.train(prepared["root"], prepared["id"], PLANNER, CONFIGURATION, "all", "cpu", threads)
+    return training.train(prepared["root"], prepared["id"], PLANNER, CONFIGURATION, "all", "cpu", 1)
 
 
 def model_dir(prepared: dict) -> Path:

@@ -194,30 +194,13 @@ def discard_stale_checkpoints(fold_dir: Path, plans: Mapping, dataset_json: Mapp
     return removed
 
 
-def split_threads(threads: int, device: str) -> tuple[int, int]:
-    """The job's cores as (torch threads, data-augmentation worker processes).
-
-    On CUDA the GPU computes, so every core but one augments (nnU-Net's own choice). On CPU, nnU-Net's data loading
-    and augmentation take ~40 % of an iteration of the demo-sized network (measured: 0.063 of 0.156 s on one core),
-    and run in the training process between the network's steps. With two or more cores, half of them (rounded down)
-    augment in worker processes while the rest compute, so the two overlap: ~1.6x the iterations per second of two
-    torch threads, which share the work of the small convolutions badly. One core keeps everything in one process.
-    """
-    if threads < 1:
-        raise ValueError(f"threads must be >= 1, got {threads}")
-    if device == "cuda":
-        return threads, max(threads - 1, 0)
-    workers = threads // 2
-    return threads - workers, workers
-
-
 def train(root: str | Path, dataset_id: int, planner: str, configuration: str, fold: str | int, device: str,
           threads: int) -> Path:
     """Train (or resume) the workflow configuration; returns checkpoint_final.pth.
 
     nnU-Net's validation runs at the end (on the held-out fold, or on the training cases for fold 'all').
     """
-    torch_threads, augmentation_workers = split_threads(threads, device)
+    augmentation_workers = max(threads - 1, 0) if device == "cuda" else 0
     configure_environment(root, threads, augmentation_workers)
     import torch
     from nnunetv2.run.run_training import run_training
@@ -234,7 +217,7 @@ def train(root: str | Path, dataset_id: int, planner: str, configuration: str, f
     if discard_finished_run(fold_dir):
         print(f"{fold_dir}: only checkpoint_best.pth of a finished run was left, training afresh")
     if device == "cpu":
-        torch.set_num_threads(torch_threads)
+        torch.set_num_threads(threads)
     run_training(str(dataset_id), custom_configuration(configuration), fold, TRAINER_NAME,
                  custom_plans_identifier(planner), continue_training=True, device=torch.device(device))
     return fold_dir / "checkpoint_final.pth"
