@@ -126,21 +126,19 @@ rule round_merge_case:
         runtime=config["merge"]["runtime"],
     params:
         py=PY,
-        inputs=lambda wildcards, input: input_flags(input.items()),
+        # the pseudo-labeller is a student: its pseudo-labels hold every class, those outside fill_classes are dropped
+        inputs=lambda wildcards, input: input_flags(input.items())
+        + " --pseudo-classes "
+        + " ".join(str(c) for c in LABELS),
         label_map=LABEL_MAP,
         fill_classes=" ".join(str(c) for c in ROUND_FILL_CLASSES),
-        pseudo_classes=" ".join(str(c) for c in LABELS),
         min_confidence=lambda wildcards: merge_setting(wildcards.case, "min_confidence"),
         low_confidence_as=lambda wildcards: merge_setting(
             wildcards.case, "low_confidence_as"
         ),
         tolerances=GEOMETRY_TOLERANCE_ARGS,
     shell:
-        # the pseudo-labeller is a student: its pseudo-labels hold every class, those outside fill_classes are dropped
-        MERGE_CASE_COMMAND.replace(
-            "{params.inputs}",
-            "{params.inputs} --pseudo-classes {params.pseudo_classes}",
-        )
+        MERGE_CASE_COMMAND
 
 
 # a round's summary.tsv also matches round_merge_case's {case}.tsv (round 1's summary has no wildcard, so Snakemake
