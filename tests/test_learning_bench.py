@@ -1,9 +1,12 @@
-"""The learning benchmark's --beyond-paper extras (bench/learning.py): the config it adds, its stages and its goals, on
-hand-made tables (fast, nothing trains; the benchmark itself is run by hand, README "Learning benchmark")."""
+"""The learning benchmark (bench/learning.py): its stage targets on a finished run, and the --beyond-paper extras (the
+config it adds, its stages and its goals) on hand-made tables (nothing trains; the benchmark itself is run by hand,
+README "Learning benchmark")."""
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
@@ -11,7 +14,7 @@ import pytest
 import yaml
 from snakemake.utils import validate
 
-from conftest import merged
+from conftest import copy_run, merged, planned_jobs
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("learning_bench", REPO / "bench" / "learning.py")
@@ -133,3 +136,17 @@ def test_the_report_prints_the_extras_and_their_goals_decide_the_outcome(tmp_pat
     assert not learning.report(tmp_path, {}, extras=True)
     assert "FAIL  two_stage round 2 Organ average" in capsys.readouterr().out
     assert learning.report(tmp_path, {})  # without the flag the extras are neither read nor judged
+
+
+def test_the_stages_of_a_finished_run_plan_nothing_even_without_its_benchmark_files(
+        completed_run: Path, raw_config: Path, tmp_path: Path) -> None:
+    """A finished run is reused stage by stage, also when its benchmarks/ folder is gone (a results folder from before
+    benchmarks moved under <results>/, or cleaned by hand): a rule target (``--until teacher_train``) would retrain
+    the teacher for a missing benchmark file, deleting its checkpoint first; the stages ask for files instead."""
+    workdir = copy_run(completed_run, tmp_path / "run")
+    results = workdir / "results"
+    shutil.rmtree(results / "benchmarks")
+    for name, targets in learning.STAGES:
+        assert planned_jobs(workdir, raw_config, *(t.format(results="results") for t in targets)) == Counter(), name
+    # the quirk the file targets avoid
+    assert planned_jobs(workdir, raw_config, "--until", "teacher_train")["teacher_train"] == 1
