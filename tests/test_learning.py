@@ -1,7 +1,8 @@
-"""The fast guard of learning: the coarse-to-fine student, with the demo config's network and training settings,
-learns the synthetic FLARE anatomy (13 organs, overlapping CT intensities) well enough to segment the large organs.
+"""The fast guards of learning: the coarse-to-fine student and the nnU-Net teacher, each with the demo config's network
+and training settings, learn the synthetic FLARE anatomy (13 organs, overlapping CT intensities) well enough to
+segment the large organs.
 
-This fails if learning breaks anywhere between the demo data, the label mapping, the loss, the optimiser, the
+They fail if learning breaks anywhere between the demo data, the label mapping, the loss, the optimiser, the
 augmentation and inference (the benchmark bench/learning.py measures how well the whole method learns).
 """
 from __future__ import annotations
