@@ -418,30 +418,6 @@ def student_low_confidence_as(experiment):
     )
 
 
-def nnunet_plans_args(section):
-    """Command-line flags of an nnU-Net plans configuration (workflow_scripts.nnunet.training): the patch size and
-    features per stage when the config section sets them, the training schedule and the optimisation settings.
-    """
-    overrides = [
-        f"--{key.replace('_', '-')} {' '.join(str(v) for v in section[key])}"
-        for key in ("patch_size", "features_per_stage")
-        if section[key] is not None
-    ]
-    schedule = [
-        f"--epochs {section['epochs']}",
-        f"--iterations-per-epoch {section['iterations_per_epoch']}",
-        f"--val-iterations {section['val_iterations']}",
-        f"--checkpoint-every {section['checkpoint_every']}",
-        f"--optimizer {section['optimizer']} --initial-lr {section['initial_lr']}",
-        f"--oversample-foreground {section['oversample_foreground']}",
-    ]
-    if section["mirror_axes"] is not None:
-        schedule.append(
-            "--mirror-axes " + " ".join(str(a) for a in section["mirror_axes"])
-        )
-    return " ".join(overrides + schedule)
-
-
 # The teacher's nnU-Net model: rules/teacher.smk trains it and predicts the test set, rules/pseudo.smk pseudo-labels
 # with it.
 TEACHER = config["teacher"]

@@ -11,7 +11,11 @@ from workflow_scripts.nnunet.student import (
     student_model_folder,
     uses_ignore_label,
 )
-from workflow_scripts.nnunet.training import custom_plans_identifier, fold_name
+from workflow_scripts.nnunet.training import (
+    custom_plans_identifier,
+    fold_name,
+    plans_arguments,
+)
 
 NNUNET_STUDENT = config["student"]["nnunet"]
 NNUNET_PLANS = custom_plans_identifier(NNUNET_STUDENT["planner"])
@@ -130,7 +134,7 @@ rule student_nnunet_plan:
         planner=NNUNET_STUDENT["planner"],
         configuration=NNUNET_STUDENT["configuration"],
         batch_sizes=" ".join(str(b) for b in NNUNET_STUDENT["batch_sizes"]),
-        plans=nnunet_plans_args(NNUNET_STUDENT),
+        plans=shlex.join(plans_arguments(NNUNET_STUDENT)),
     shell:
         "{params.py}.nnunet.student plan --root {params.root:q} --dataset-id {params.dataset_id}"
         " --planner {params.planner} --configuration {params.configuration} --threads {threads}"

@@ -5,7 +5,11 @@
 # Snakemake keeps it when a job is killed and the rerun continues from it. The model's paths (TEACHER_*) are in
 # common.smk: rules/pseudo.smk predicts with it too.
 
-from workflow_scripts.nnunet.training import PLANS_IDENTIFIERS, custom_plans_identifier
+from workflow_scripts.nnunet.training import (
+    PLANS_IDENTIFIERS,
+    custom_plans_identifier,
+    plans_arguments,
+)
 
 TEACHER_PREPROCESSED = os.path.join(TEACHER_ROOT, "preprocessed", TEACHER_DATASET)
 TEACHER_ARGS = (
@@ -93,7 +97,7 @@ rule teacher_configure:
     params:
         py=PY,
         args=TEACHER_ARGS,
-        plans=nnunet_plans_args(TEACHER)
+        plans=shlex.join(plans_arguments(TEACHER))
         + (
             f" --batch-size {TEACHER['batch_size']}"
             if TEACHER["batch_size"] is not None

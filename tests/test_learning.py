@@ -95,11 +95,12 @@ def test_nnunet_teacher_learns_the_organs_of_its_strong_cases(tmp_path) -> None:
     build_dataset(cases, root / "raw" / dataset_name(dataset_id, "Teacher"), teacher["classes"],
                   label_names(config["labels"]))
     base = training.plan_and_preprocess(root, dataset_id, planner, configuration, 1)
-    # the config's optimisation settings reach the plans through the same mapping the teacher_configure rule uses
-    settings = training.trainer_settings(argparse.Namespace(
-        epochs=40, iterations_per_epoch=25, val_iterations=1, checkpoint_every=40, optimizer=teacher["optimizer"],
-        initial_lr=teacher["initial_lr"], oversample_foreground=teacher["oversample_foreground"],
-        mirror_axes=teacher["mirror_axes"]))
+    # the config's optimisation settings reach the plans through the flags and the mapping the teacher_configure rule
+    # and the CLI use (only the schedule is shortened)
+    parser = argparse.ArgumentParser()
+    training.add_plans_arguments(parser)
+    schedule = {"epochs": 40, "iterations_per_epoch": 25, "val_iterations": 1, "checkpoint_every": 40}
+    settings = training.trainer_settings(parser.parse_args(training.plans_arguments({**teacher, **schedule})))
     plans = training.configure_plans(json.loads(base.read_text()), planner, configuration, settings,
                                      teacher["batch_size"], teacher["patch_size"], teacher["features_per_stage"])
     (base.parent / f"{training.custom_plans_identifier(planner)}.json").write_text(json.dumps(plans))

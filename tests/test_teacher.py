@@ -2,6 +2,7 @@
 batch size, resuming a killed training, and the validation table."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -220,6 +221,24 @@ def test_validation_table_uses_original_ids_in_order():
     assert table["class_name"].tolist() == ["liver", "3", "foreground_mean"]
     assert table["dice"].tolist() == [0.9, 0.5, 0.7] and set(table["n_cases"]) == {2}
     assert table["evaluated_on"].str.contains("fold 0").all()
+
+
+def test_config_section_reaches_the_trainer_settings_through_the_cli_flags():
+    """plans_arguments (what the rules pass) parsed by the CLI's parser gives the settings of every config key;
+    null optional keys are left out, so nnU-Net keeps its own values."""
+    section = {"patch_size": [16, 32, 32], "features_per_stage": None, "epochs": 7, "iterations_per_epoch": 3,
+               "val_iterations": 2, "checkpoint_every": 5, "optimizer": "adamw", "initial_lr": 0.003,
+               "oversample_foreground": None, "mirror_axes": []}
+    parser = argparse.ArgumentParser()
+    training.add_plans_arguments(parser)
+    args = parser.parse_args(training.plans_arguments(section))
+    assert args.patch_size == [16, 32, 32] and args.features_per_stage is None
+    assert training.trainer_settings(args) == {
+        "num_epochs": 7, "num_iterations_per_epoch": 3, "num_val_iterations_per_epoch": 2, "save_every": 5,
+        "optimizer": "adamw", "initial_lr": 0.003, "mirror_axes": []}
+    unmirrored = training.plans_arguments({**section, "mirror_axes": None})
+    assert "--mirror-axes" not in unmirrored
+    assert "mirror_axes" not in training.trainer_settings(parser.parse_args(unmirrored))
 
 
 def test_parse_fold():

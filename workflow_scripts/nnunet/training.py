@@ -257,6 +257,25 @@ def add_plans_arguments(parser: argparse.ArgumentParser) -> None:
                         help="axes mirrored in training and TTA (none given: no mirroring; option left out: all)")
 
 
+def plans_arguments(section: Mapping) -> list[str]:
+    """The flags of :func:`add_plans_arguments` for a config section (``teacher`` or ``student.nnunet``).
+
+    The rules pass these to the CLIs and the tests parse them with the same parser, so a config key reaches the
+    trainer's plans settings by one path only; optional keys left null keep nnU-Net's values.
+    """
+    flags: list[str] = []
+    for key in ("patch_size", "features_per_stage"):
+        if section[key] is not None:
+            flags += [f"--{key.replace('_', '-')}", *(str(v) for v in section[key])]
+    for key in ("epochs", "iterations_per_epoch", "val_iterations", "checkpoint_every", "optimizer", "initial_lr",
+                "oversample_foreground"):
+        if section[key] is not None:
+            flags += [f"--{key.replace('_', '-')}", str(section[key])]
+    if section["mirror_axes"] is not None:
+        flags += ["--mirror-axes", *(str(a) for a in section["mirror_axes"])]
+    return flags
+
+
 def trainer_settings(args: argparse.Namespace) -> dict[str, object]:
     """The schedule and optimisation flags of :func:`add_plans_arguments` as the trainer's plans settings
     (``SETTINGS_KEY``); optional ones left out keep nnU-Net's values."""
