@@ -109,13 +109,25 @@ def test_the_extras_extend_eval_lists_a_config_sets_and_leave_the_input_alone() 
 
 
 def test_the_extra_stages_come_after_the_default_ones_and_ask_for_the_extra_models_only() -> None:
-    assert [name for name, _ in learning.STAGES][-1] == "predictions, evaluation, report"
-    targets = [target.format(results="R") for _, stage in learning.BEYOND_PAPER_STAGES for target in stage]
+    assert [stage.name for stage in learning.STAGES][-1] == "predictions, evaluation, report"
+    targets = [target.format(results="R") for stage in learning.BEYOND_PAPER_STAGES for target in stage.targets]
     assert targets == ["R/student/two_stage_unlabeled/model/model_final.pt",
                        "R/round2/student/two_stage/model/model_final.pt",
                        "R/round2/student/two_stage_unlabeled/model/model_final.pt"]
     # every stage's wall time is its own entry
-    assert not {name for name, _ in learning.STAGES} & {name for name, _ in learning.BEYOND_PAPER_STAGES}
+    assert not {stage.name for stage in learning.STAGES} & {stage.name for stage in learning.BEYOND_PAPER_STAGES}
+
+
+def test_only_the_lone_student_stages_give_the_c2f_trainer_both_cores() -> None:
+    """The baseline trains on one core beside the teacher; a student that trains alone gets both (``--set-threads``)."""
+    commands = {stage.name: learning.snakemake_command(stage, Path("c.yaml"), Path("R"), 2)
+                for stage in [*learning.STAGES, *learning.BEYOND_PAPER_STAGES]}
+    alone = {name for name, command in commands.items() if command[-2:] == ["--set-threads", "student_train=2"]}
+    assert alone == {"two_stage student (both cores)", "unlabeled pseudo-labels and student"}
+    assert not any("--set-threads" in command for name, command in commands.items() if name not in alone)
+    teacher_stage = commands["teacher, pseudo-labels and merge (baseline student beside them)"]
+    assert teacher_stage[3:5] == ["R/merged/summary.tsv", "R/student/baseline/model/model_final.pt"]
+    assert teacher_stage[5:9] == ["--configfile", "c.yaml", "--cores", "2"]
 
 
 def test_the_report_prints_the_extras_and_their_goals_decide_the_outcome(tmp_path: Path, capsys) -> None:
@@ -146,7 +158,8 @@ def test_the_stages_of_a_finished_run_plan_nothing_even_without_its_benchmark_fi
     workdir = copy_run(completed_run, tmp_path / "run")
     results = workdir / "results"
     shutil.rmtree(results / "benchmarks")
-    for name, targets in learning.STAGES:
-        assert planned_jobs(workdir, raw_config, *(t.format(results="results") for t in targets)) == Counter(), name
+    for stage in learning.STAGES:
+        targets = (t.format(results="results") for t in stage.targets)
+        assert planned_jobs(workdir, raw_config, *targets) == Counter(), stage.name
     # the quirk the file targets avoid
     assert planned_jobs(workdir, raw_config, "--until", "teacher_train")["teacher_train"] == 1
