@@ -46,10 +46,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 class Stage(NamedTuple):
-    """One timed snakemake call: the files it builds, and rules given more threads than the config's for it."""
+    """One timed snakemake call: the files it builds, and ``rule=threads`` overrides of the config's threads for it."""
     name: str
     targets: list[str]
-    threads: dict[str, int] = {}
+    threads: tuple[str, ...] = ()
 
 
 # Each stage's wall time is measured on its own. Files, not rules (`--until teacher_train`): snakemake reruns a *rule*
@@ -62,7 +62,7 @@ STAGES = [
     Stage("teacher, pseudo-labels and merge (baseline student beside them)",
           ["{results}/merged/summary.tsv", "{results}/student/baseline/model/model_final.pt"]),
     Stage("two_stage student (both cores)", ["{results}/student/two_stage/model/model_final.pt"],
-          {"student_train": 2}),
+          ("student_train=2",)),
     Stage("predictions, evaluation, report", []),
 ]
 # --beyond-paper: the extra experiment, run after the default stages; each extra stage asks only for what it adds, so
@@ -70,7 +70,7 @@ STAGES = [
 UNLABELED = "two_stage_unlabeled"
 BEYOND_PAPER_STAGES = [
     Stage("unlabeled pseudo-labels and student", [f"{{results}}/student/{UNLABELED}/model/model_final.pt"],
-          {"student_train": 2}),
+          ("student_train=2",)),
     # round 2 retrains every c2f student on merged labels: two_stage and two_stage_unlabeled (README "Rounds")
     Stage("round 2 pseudo-labels, merge and students", [f"{{results}}/round2/student/{name}/model/model_final.pt"
                                                         for name in ("two_stage", UNLABELED)]),
@@ -113,10 +113,9 @@ def write_config(base: Path, results: Path, seed: int, extras: bool = False) -> 
 
 def snakemake_command(stage: Stage, config: Path, results: Path, cores: int) -> list[str]:
     """The snakemake call that builds one stage (``python -m snakemake`` with this interpreter)."""
-    threads = [f"{rule}={count}" for rule, count in stage.threads.items()]
     return [sys.executable, "-m", "snakemake", *(t.format(results=results) for t in stage.targets),
             "--configfile", str(config), "--cores", str(cores), "--quiet", "progress",
-            *(["--set-threads", *threads] if threads else [])]
+            *(["--set-threads", *stage.threads] if stage.threads else [])]
 
 
 def run_stages(config: Path, results: Path, cores: int, stages: list[Stage] = STAGES) -> dict[str, float]:
