@@ -17,6 +17,9 @@ The learning curves are written by the workflow (``report/learning_curves.png`` 
     .venv/bin/python bench/learning.py --seed 2023 --cores 2
     .venv/bin/python bench/learning.py --seed 7 --cores 2 --results results_learning_7
 
+Run one benchmark at a time: the two_stage student's stage takes both cores (two such trainings on two cores ran ~5×
+slower per epoch than one).
+
 ``--beyond-paper`` adds what the paper does not do (README "Unlabeled cases", "Rounds"): a two_stage student that
 also trains on the unlabeled cases (``two_stage_unlabeled``) and a second round (``rounds.count: 2``), with goals:
 
