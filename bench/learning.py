@@ -17,7 +17,7 @@ The learning curves are written by the workflow (``report/learning_curves.png`` 
     .venv/bin/python bench/learning.py --seed 2023 --cores 2
     .venv/bin/python bench/learning.py --seed 7 --cores 2 --results results_learning_7
 
-Run one benchmark at a time: the two_stage student's stage takes both cores (two such trainings on two cores ran ~5×
+Run one benchmark at a time: the two_stage student's stage takes every core (two such trainings on two cores ran ~5×
 slower per epoch than one).
 
 ``--beyond-paper`` adds what the paper does not do (README "Unlabeled cases", "Rounds"): a two_stage student that
@@ -49,23 +49,23 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 class Stage(NamedTuple):
-    """One timed snakemake call: the files it builds, and ``rule=threads`` overrides of the config's threads for it."""
+    """One timed snakemake call: the files it builds, and the rules it gives every core (``--set-threads``) instead
+    of the config's threads, for a training that runs alone."""
     name: str
     targets: list[str]
-    threads: tuple[str, ...] = ()
+    all_cores: tuple[str, ...] = ()
 
 
 # Each stage's wall time is measured on its own. Files, not rules (`--until teacher_train`): snakemake reruns a *rule*
 # target whose benchmark file is missing, which retrained the teacher of results folders written before logs and
 # benchmarks moved under <results>/ (and deleted its checkpoint). The baseline student needs no teacher, so it trains
 # on one core beside the teacher and the pseudo-labelling (the config's one thread per trainer); the two_stage student
-# then has both cores to itself: the critical path is teacher -> pseudo-labels -> merge -> two_stage.
+# then has every core to itself: the critical path is teacher -> pseudo-labels -> merge -> two_stage.
 STAGES = [
     Stage("data, QC, statistics, split", ["{results}/split/split.tsv"]),
     Stage("teacher, pseudo-labels and merge (baseline student beside them)",
           ["{results}/merged/summary.tsv", "{results}/student/baseline/model/model_final.pt"]),
-    Stage("two_stage student (both cores)", ["{results}/student/two_stage/model/model_final.pt"],
-          ("student_train=2",)),
+    Stage("two_stage student (all cores)", ["{results}/student/two_stage/model/model_final.pt"], ("student_train",)),
     Stage("predictions, evaluation, report", []),
 ]
 # --beyond-paper: the extra experiment, run after the default stages; each extra stage asks only for what it adds, so
@@ -73,7 +73,7 @@ STAGES = [
 UNLABELED = "two_stage_unlabeled"
 BEYOND_PAPER_STAGES = [
     Stage("unlabeled pseudo-labels and student", [f"{{results}}/student/{UNLABELED}/model/model_final.pt"],
-          ("student_train=2",)),
+          ("student_train",)),
     # round 2 retrains every c2f student on merged labels: two_stage and two_stage_unlabeled (README "Rounds")
     Stage("round 2 pseudo-labels, merge and students", [f"{{results}}/round2/student/{name}/model/model_final.pt"
                                                         for name in ("two_stage", UNLABELED)]),
@@ -116,9 +116,10 @@ def write_config(base: Path, results: Path, seed: int, extras: bool = False) -> 
 
 def snakemake_command(stage: Stage, config: Path, results: Path, cores: int) -> list[str]:
     """The snakemake call that builds one stage (``python -m snakemake`` with this interpreter)."""
+    threads = [f"{rule}={cores}" for rule in stage.all_cores]
     return [sys.executable, "-m", "snakemake", *(t.format(results=results) for t in stage.targets),
             "--configfile", str(config), "--cores", str(cores), "--quiet", "progress",
-            *(["--set-threads", *stage.threads] if stage.threads else [])]
+            *(["--set-threads", *threads] if threads else [])]
 
 
 def run_stages(config: Path, results: Path, cores: int, stages: list[Stage] = STAGES) -> dict[str, float]:
