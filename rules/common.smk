@@ -24,6 +24,7 @@ from workflow_scripts.ingest.rounds import (
 from workflow_scripts.ingest.students import (
     pseudo_labels_unlabeled,
     training_categories,
+    training_threads,
 )
 from workflow_scripts.io.layout import demo_layout, discover_cases
 from workflow_scripts.io.manifest import write_manifest
@@ -382,6 +383,13 @@ C2F_PATTERN = "|".join(C2F_EXPERIMENTS) or "(?!)"
 # one experiment reruns no other.
 def student_label_source(experiment):
     return config["student"]["experiments"][experiment]["labels"]
+
+
+def student_train_threads(wildcards):
+    return training_threads(
+        config["student"]["experiments"][wildcards.experiment],
+        config["student"]["threads"],
+    )
 
 
 def student_training_cases(experiment):

@@ -214,7 +214,7 @@ rule round_student_train:
         experiment=ROUND_EXPERIMENT_PATTERN,
     conda:
         "../envs/student.yaml"
-    threads: config["student"]["threads"]
+    threads: student_train_threads
     resources:
         mem_mb=config["student"]["mem_mb"],
         runtime=runtime_by_attempt(config["student"]["runtime"]),

@@ -61,7 +61,7 @@ rule student_train:
         experiment=C2F_PATTERN,
     conda:
         "../envs/student.yaml"
-    threads: config["student"]["threads"]
+    threads: student_train_threads
     resources:
         mem_mb=config["student"]["mem_mb"],
         runtime=runtime_by_attempt(config["student"]["runtime"]),

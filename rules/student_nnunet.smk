@@ -165,7 +165,7 @@ rule student_nnunet_train:
         batch="[0-9]+",
     conda:
         "../envs/nnunet.yaml"
-    threads: config["student"]["threads"]
+    threads: student_train_threads
     resources:
         mem_mb=config["student"]["mem_mb"],
         runtime=runtime_by_attempt(config["student"]["runtime"]),

@@ -168,6 +168,33 @@ def test_trainer_takes_optimiser_learning_rate_sampling_and_mirror_axes_from_the
                                   device=torch.device("cpu"))
 
 
+def test_progress_plot_is_drawn_at_checkpoints_and_after_the_last_epoch_only(prepared, monkeypatch):
+    """nnU-Net redraws progress.png every epoch (~0.9 s of matplotlib per epoch on a CPU core); the trainer keeps
+    the redraws for its checkpoint epochs and the last one, and leaves the logger's method as it was."""
+    configure_environment(prepared["root"], 1)
+    from nnunetv2.training.logging.nnunet_logger import MetaLogger
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from workflow_scripts.nnunet.ext.configurable_trainer import nnUNetTrainerConfigurable
+
+    configuration = training.custom_configuration(tn.CONFIGURATION)
+    plans = training.configure_plans(prepared["plans"], tn.PLANNER, tn.CONFIGURATION,
+                                     {"num_epochs": 7, "save_every": 3})
+    trainer = nnUNetTrainerConfigurable({**plans, "continue_training": False}, configuration, "all",
+                                        prepared["dataset"], device=torch.device("cpu"))
+    drawn = []
+    monkeypatch.setattr(MetaLogger, "plot_progress_png", lambda logger, folder: drawn.append(trainer.current_epoch))
+
+    def nnunet_epoch_end(self) -> None:  # the part of nnU-Net's on_epoch_end that matters here
+        self.logger.plot_progress_png(self.output_folder)
+        self.current_epoch += 1
+
+    monkeypatch.setattr(nnUNetTrainer, "on_epoch_end", nnunet_epoch_end)
+    for _ in range(7):
+        trainer.on_epoch_end()
+    assert drawn == [2, 5, 6]
+    assert "plot_progress_png" not in vars(trainer.logger)
+
+
 def _train_command(prepared: dict) -> list[str]:
     model = training.model_folder(prepared["root"], prepared["name"], tn.PLANNER, tn.CONFIGURATION)
     return [sys.executable, "-m", "workflow_scripts.nnunet.teacher", "train", "--root", str(prepared["root"]),

@@ -29,6 +29,7 @@ from workflow_scripts.ingest.students import (
     pseudo_labels_unlabeled,
     student_counts,
     training_categories,
+    training_threads,
 )
 from workflow_scripts.io.manifest import TrainingCase, read_manifest, write_manifest
 from workflow_scripts.labels.merge import category_settings, student_table
@@ -46,6 +47,12 @@ def test_experiments_train_on_unlabeled_cases_only_when_asked_and_only_on_merged
     assert training_categories("all", {**MERGED, "unlabeled": True}) == ("strong", "weak", "unlabeled")
     with pytest.raises(StudentConfigError, match=r"'baseline': unlabeled: true needs labels: merged.*labels: raw"):
         training_categories("baseline", {**RAW, "unlabeled": True})
+
+
+def test_an_experiment_trains_with_its_own_threads_else_with_student_threads() -> None:
+    assert training_threads(MERGED, 1) == 1
+    assert training_threads({**MERGED, "threads": None}, 3) == 3
+    assert training_threads({**MERGED, "threads": 2}, 1) == 2
 
 
 def test_unlabeled_cases_are_pseudo_labelled_when_an_experiment_asks_unless_switched_off() -> None:
@@ -194,9 +201,10 @@ def dataset(tmp_path: Path) -> dict[str, np.ndarray]:
 
 
 def configure(tmp_path: Path, two_stage: bool = False, nn: bool = False, include_unlabeled=None,
-              baseline: bool = False) -> None:
+              baseline: bool = False, threads: dict[str, int] | None = None) -> None:
     """The harness config: unlabeled: true on the named experiments; weak cases merged as the paper does (no
-    confidence filter), unlabeled cases with their own filter (below 0.5 -> the ignore label)."""
+    confidence filter), unlabeled cases with their own filter (below 0.5 -> the ignore label); ``threads``: the
+    experiments' own training threads (student.threads is 1)."""
     config = {
         "demo": {"enabled": False},
         "data": {name: str(tmp_path / "data" / name) for name in ("images", "labels", "test_images", "test_labels")},
@@ -211,6 +219,8 @@ def configure(tmp_path: Path, two_stage: bool = False, nn: bool = False, include
                                     "nn": {"labels": "merged", "model": "nnunet", "unlabeled": nn}},
                     "threads": 1, "mem_mb": 500, "predict_mem_mb": 500},
     }
+    for name, count in (threads or {}).items():
+        config["student"]["experiments"][name]["threads"] = count
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     (tmp_path / "Snakefile").write_text(HARNESS)
 
@@ -234,6 +244,17 @@ def planned(dry_run: str) -> dict[str, list[str]]:
             wildcards = re.search(r"wildcards: (.*)", block)
             jobs.setdefault(match[1], []).append(wildcards[1] if wildcards else "")
     return jobs
+
+
+def planned_threads(dry_run: str) -> dict[str, int]:
+    """Threads of each planned job of a dry run, keyed "rule wildcards" (Snakemake prints them only above 1)."""
+    threads = {}
+    for block in re.split(r"\n(?=(?:localrule|rule|checkpoint) \w+:)", dry_run):
+        match = re.match(r"(?:localrule|rule|checkpoint) (\w+):", block)
+        if match:
+            wildcards, count = re.search(r"wildcards: (.*)", block), re.search(r"threads: (\d+)", block)
+            threads[f"{match[1]} {wildcards[1] if wildcards else ''}"] = int(count[1]) if count else 1
+    return threads
 
 
 def manifest_cases(tmp_path: Path, experiment_manifest: str) -> dict[str, str]:
@@ -305,6 +326,19 @@ def test_unlabeled_cases_reach_only_the_asking_students_with_the_ignore_label_in
     assert manifest_cases(tmp_path, "results/student/nn/nnunet/train_cases.tsv")["u1"] == "unlabeled"
     nnunet = json.loads((tmp_path / NNUNET_DATASET).read_text())
     assert nnunet["labels"]["ignore"] == IGNORE and nnunet["numTraining"] == 3
+
+
+def test_each_student_trains_with_its_own_threads_or_else_student_threads(tmp_path: Path) -> None:
+    """The demo's two_stage trains alone and takes both cores while its baseline, which trains beside the teacher,
+    keeps student.threads; the nnU-Net student's training and the later rounds' take the same per-experiment key."""
+    dataset(tmp_path)
+    configure(tmp_path, threads={"two_stage": 2, "nn": 3})
+    models = ["results/student/two_stage/model/model_final.pt", "results/student/baseline/model/model_final.pt"]
+    threads = planned_threads(snakemake(tmp_path, "--dry-run", "--cores", "4", targets=models).stdout)
+    assert threads["student_train experiment=two_stage"] == 2
+    assert threads["student_train experiment=baseline"] == 1
+    nnunet = (REPO / "rules" / "student_nnunet.smk").read_text() + (REPO / "rules" / "rounds.smk").read_text()
+    assert nnunet.count("threads: student_train_threads") == 2  # student_nnunet_train and round_student_train
 
 
 @pytest.mark.parametrize("settings, message", [

@@ -49,6 +49,17 @@ def training_categories(name: str, experiment: Mapping) -> tuple[str, ...]:
     return (*ANNOTATED, "unlabeled")
 
 
+def training_threads(experiment: Mapping, default: int) -> int:
+    """CPU threads of the experiment's training job: its own ``threads``, else ``student.threads`` (``default``).
+
+    Per experiment because students that train side by side with other jobs and one that trains alone want
+    different shares of the cores: in the demo the baseline trains beside the teacher on one core each, while the
+    two_stage student, which waits for the pseudo-labels, trains alone and can use both.
+    """
+    threads = experiment.get("threads")
+    return default if threads is None else int(threads)
+
+
 def pseudo_labels_unlabeled(include_unlabeled: bool | None, categories: Mapping[str, Sequence[str]]) -> bool:
     """Whether the unlabeled cases are pseudo-labelled and merged.
 
