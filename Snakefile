@@ -9,7 +9,13 @@ from snakemake.utils import min_version, validate
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+# The demo's config is the base only of a run without --configfile. A user's config (config/flare23.yaml) replaces it,
+# and every key that config leaves out takes the schema's default, the full-size value: Snakemake's own layering
+# would hand a real-data run the demo's CPU-sized networks, schedules and memory. To change a few demo settings,
+# name both files: --configfile config/config.yaml my_changes.yaml (README, "Configuration files").
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
 
 
 validate(config, schema="config/schema.yaml")

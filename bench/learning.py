@@ -44,6 +44,7 @@ from typing import NamedTuple
 
 import pandas as pd
 import yaml
+from snakemake.utils import update_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -85,29 +86,30 @@ KEY_ORGANS = ["Liver", "Spleen", "RK", "LK", "Stomach"]
 Goal = tuple[str, float, str, bool]  # (goal, measured value, threshold text, passed)
 
 
-def beyond_paper(config: dict, defaults: dict) -> dict:
-    """``config`` plus the extras: the unlabeled experiment (scored, in the ablation table) and a second round.
-    Snakemake merges a config file's mappings into config/config.yaml's (``defaults``) key by key but replaces lists,
-    so the experiment is added on its own and the eval lists are extended from whichever file sets them. The default
-    experiments keep their settings, so their round-1 files stay up to date."""
+def beyond_paper(config: dict) -> dict:
+    """``config`` (a whole config, as write_config builds it) plus the extras: the unlabeled experiment (scored, in
+    the ablation table) and a second round. The default experiments keep their settings, so their round-1 files stay
+    up to date."""
     config = copy.deepcopy(config)
-    config.setdefault("student", {}).setdefault("experiments", {})[UNLABELED] = {
-        "labels": "merged", "model": "c2f", "unlabeled": True}
-    evaluation = config.setdefault("eval", {})
+    config["student"]["experiments"][UNLABELED] = {"labels": "merged", "model": "c2f", "unlabeled": True}
     for key in ("experiments", "ablation"):
-        evaluation[key] = [*evaluation.get(key, defaults["eval"][key]), UNLABELED]
-    config.setdefault("rounds", {})["count"] = 2
+        config["eval"][key] = [*config["eval"][key], UNLABELED]
+    config["rounds"]["count"] = 2
     return config
 
 
 def write_config(base: Path, results: Path, seed: int, extras: bool = False) -> Path:
-    """The benchmark config with this run's results folder and demo seed, saved inside the results folder
-    (``learning_config.yaml``; with ``extras``, ``learning_beyond_paper_config.yaml`` with beyond_paper's additions)."""
-    config = yaml.safe_load(base.read_text())
+    """The whole benchmark config: config/config.yaml (the demo) with ``base``'s settings merged in as Snakemake
+    merges config files (mappings key by key, everything else replaced), this run's results folder and demo seed;
+    saved inside the results folder (``learning_config.yaml``; with ``extras``,
+    ``learning_beyond_paper_config.yaml`` with beyond_paper's additions). Whole, because a --configfile replaces
+    the demo's config rather than extending it (Snakefile), and so the file records every setting of the run."""
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    update_config(config, yaml.safe_load(base.read_text()))
     config["results"] = str(results)
-    config.setdefault("demo", {})["seed"] = seed
+    config["demo"]["seed"] = seed
     if extras:
-        config = beyond_paper(config, yaml.safe_load((REPO / "config" / "config.yaml").read_text()))
+        config = beyond_paper(config)
     results.mkdir(parents=True, exist_ok=True)
     path = results / ("learning_beyond_paper_config.yaml" if extras else "learning_config.yaml")
     path.write_text(yaml.safe_dump(config, sort_keys=False))

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import copy
+import shutil
 
 import pytest
 import yaml
 from snakemake.utils import validate
 
-from conftest import REPO, TINY_CONFIG
+from conftest import REPO, TINY_CONFIG, output_of, run_workflow, write_config
 from workflow_scripts.io.config_defaults import SCHEMA, config_with_defaults
 
 CONFIGS = {
@@ -35,3 +36,27 @@ def test_the_given_config_and_the_schema_are_not_modified() -> None:
     assert config == {"student": {"c2f": {"epochs": 3}}}
     second = config_with_defaults(config)
     assert 999 not in second["student"]["c2f"]["channels"] and second["labels"]
+
+
+def _teacher_command(dry_run: str) -> str:
+    return next(line for line in dry_run.splitlines() if "nnunet.teacher configure" in line)
+
+
+def test_a_configfile_replaces_the_demo_config_and_the_schema_fills_what_it_leaves_out(tmp_path, raw_dataset) -> None:
+    """config/flare23.yaml sets paths only: its teacher must get nnU-Net's 1000 epochs, not the demo's 100, which
+    Snakemake's own layering onto config/config.yaml would hand it. Two files still merge, the later on top."""
+    workdir = tmp_path / "run"  # holds config/config.yaml, as the repository does for a run started there
+    (workdir / "config").mkdir(parents=True)
+    shutil.copy(REPO / "config" / "config.yaml", workdir / "config" / "config.yaml")
+    config = write_config(tmp_path / "config.yaml", raw_dataset)
+    settings = yaml.safe_load(config.read_text())
+    del settings["teacher"]["epochs"]
+    config.write_text(yaml.safe_dump(settings))
+    dry_run = output_of(run_workflow(workdir, "--dry-run", "--printshellcmds", config=config))
+    assert "--epochs 1000 " in _teacher_command(dry_run)
+    assert "extended by additional config" not in dry_run
+    changes = tmp_path / "changes.yaml"
+    changes.write_text(yaml.safe_dump({"teacher": {"epochs": 7}}))
+    dry_run = output_of(run_workflow(workdir, "--dry-run", "--printshellcmds", "--configfile", str(config),
+                                     str(changes), config=config))
+    assert "--epochs 7 --iterations-per-epoch 2 " in _teacher_command(dry_run)
