@@ -43,7 +43,7 @@ def _teacher_command(dry_run: str) -> str:
 
 
 def test_a_configfile_replaces_the_demo_config_and_the_schema_fills_what_it_leaves_out(tmp_path, raw_dataset) -> None:
-    """config/flare23.yaml sets paths only: its teacher must get nnU-Net's 1000 epochs, not the demo's 100, which
+    """config/flare23.yaml sets paths only: its teacher must get nnU-Net's 1000 epochs, not the demo's 75, which
     Snakemake's own layering onto config/config.yaml would hand it. Two files still merge, the later on top."""
     workdir = tmp_path / "run"  # holds config/config.yaml, as the repository does for a run started there
     (workdir / "config").mkdir(parents=True)

@@ -235,25 +235,29 @@ def snakemake(tmp_path: Path, *args: str, targets: list[str] = TARGETS, check: b
     return proc
 
 
-def planned(dry_run: str) -> dict[str, list[str]]:
-    """Planned jobs of a dry run: rule -> the wildcards of each job ("" for a job without wildcards)."""
-    jobs: dict[str, list[str]] = {}
+def job_blocks(dry_run: str):
+    """(rule, text) of each planned job of a dry run."""
     for block in re.split(r"\n(?=(?:localrule|rule|checkpoint) \w+:)", dry_run):
         match = re.match(r"(?:localrule|rule|checkpoint) (\w+):", block)
         if match:
-            wildcards = re.search(r"wildcards: (.*)", block)
-            jobs.setdefault(match[1], []).append(wildcards[1] if wildcards else "")
+            yield match[1], block
+
+
+def planned(dry_run: str) -> dict[str, list[str]]:
+    """Planned jobs of a dry run: rule -> the wildcards of each job ("" for a job without wildcards)."""
+    jobs: dict[str, list[str]] = {}
+    for rule, block in job_blocks(dry_run):
+        wildcards = re.search(r"wildcards: (.*)", block)
+        jobs.setdefault(rule, []).append(wildcards[1] if wildcards else "")
     return jobs
 
 
 def planned_threads(dry_run: str) -> dict[str, int]:
     """Threads of each planned job of a dry run, keyed "rule wildcards" (Snakemake prints them only above 1)."""
     threads = {}
-    for block in re.split(r"\n(?=(?:localrule|rule|checkpoint) \w+:)", dry_run):
-        match = re.match(r"(?:localrule|rule|checkpoint) (\w+):", block)
-        if match:
-            wildcards, count = re.search(r"wildcards: (.*)", block), re.search(r"threads: (\d+)", block)
-            threads[f"{match[1]} {wildcards[1] if wildcards else ''}"] = int(count[1]) if count else 1
+    for rule, block in job_blocks(dry_run):
+        wildcards, count = re.search(r"wildcards: (.*)", block), re.search(r"threads: (\d+)", block)
+        threads[f"{rule} {wildcards[1] if wildcards else ''}"] = int(count[1]) if count else 1
     return threads
 
 
