@@ -15,8 +15,8 @@ from snakemake.utils import validate
 
 from conftest import REPO, TINY_CONFIG, run_workflow
 from workflow_scripts.demo import anatomy as demo_anatomy
-from workflow_scripts.demo.dataset import (DemoParams, case_files, flare_ids, generate_case, generate_dataset,
-                                           main)
+from workflow_scripts.demo.dataset import (DemoParams, annotated_classes, case_files, flare_ids, generate_case,
+                                           generate_dataset, main, partial_organ_sets)
 from workflow_scripts.demo.plan import KINDS, dataset_json_path, kind_counts, plan, truth_path
 from workflow_scripts.io.volumes import CaseError, read_label, read_volume
 
@@ -92,6 +92,7 @@ def test_written_labels_are_the_truth_restricted_to_the_annotated_classes(tiny) 
     config, results, dataset = tiny
     organ_ids, lesion_id = ids(config)
     organs = set(organ_ids.values())
+    partial_sets = [{organ_ids[name] for name in names} for names in config["demo"]["partial_annotations"]]
     for record in dataset["cases"]:
         case, kind, annotated = record["case"], record["kind"], record["annotated"]
         if kind == "test":
@@ -115,7 +116,7 @@ def test_written_labels_are_the_truth_restricted_to_the_annotated_classes(tiny) 
         elif kind == "lesion_only":
             assert annotated == [lesion_id] and lesion_id in present, "a lesion-only case holds a lesion"
         else:
-            assert kind == "partial" and 0 < len(annotated_organs) < len(organs)
+            assert kind == "partial" and annotated_organs in partial_sets, "one of demo.partial_annotations"
             assert set(annotated) - annotated_organs == set(lesion)
         assert set(np.unique(label)) == {0, *annotated}
 
@@ -210,6 +211,31 @@ def test_cases_are_deterministic_and_independent_of_n_train_and_workers(tiny, tm
     assert a.image.shape != c.image.shape or not np.array_equal(a.image, c.image)
 
 
+def test_partial_cases_draw_one_configured_organ_set_or_a_random_subset() -> None:
+    """FLARE23's partial labels come from single-organ datasets (default sets); null keeps the uniform random
+    subsets. Which set a case gets is drawn uniformly, and the annotation never changes the image or the truth, so
+    a teacher's pseudo-labels do not depend on it."""
+    config = load_config()
+    organ_ids, lesion_id = ids(config)
+    organs = sorted(organ_ids.values())
+    sets = partial_organ_sets([["Liver"], ["RK", "LK"], ["Pancreas"]], organ_ids)
+    assert sets == [[organ_ids["Liver"]], sorted([organ_ids["RK"], organ_ids["LK"]]), [organ_ids["Pancreas"]]]
+    rng = np.random.default_rng(0)
+    drawn = Counter(tuple(annotated_classes("partial", rng, organ_ids, lesion_id, True, sets)) for _ in range(600))
+    assert set(drawn) == {(*s, lesion_id) for s in sets}
+    assert min(drawn.values()) > 150, "each set is drawn about equally often"
+    random_subsets = [annotated_classes("partial", rng, organ_ids, lesion_id, False, None) for _ in range(200)]
+    assert all(0 < len(s) < len(organs) and set(s) <= set(organs) for s in random_subsets)
+    assert len({tuple(s) for s in random_subsets}) > 150
+
+    case = "FLARE23_0001"
+    default = generate_case(case, "partial", DemoParams.from_config(config["demo"]), organ_ids, lesion_id)
+    uniform = generate_case(case, "partial", DemoParams.from_config(dict(config["demo"], partial_annotations=None)),
+                            organ_ids, lesion_id)
+    np.testing.assert_array_equal(default.image, uniform.image)
+    np.testing.assert_array_equal(default.truth, uniform.truth)
+
+
 def test_bad_configuration_is_reported_clearly() -> None:
     config = load_config()
     labels = [dict(e, name="Kidney_R") if e["name"] == "RK" else e for e in config["labels"]]
@@ -219,6 +245,13 @@ def test_bad_configuration_is_reported_clearly() -> None:
         flare_ids([e for e in config["labels"] if e["kind"] != "lesion"])
     with pytest.raises(ValueError, match=r"demo.noise_hu must be \[low, high\]"):
         DemoParams.from_config(dict(config["demo"], noise_hu=[20, 8]))
+    organ_ids, _ = ids(config)
+    with pytest.raises(ValueError, match=r"partial_annotations: \['Kidney'\] are not organs"):
+        partial_organ_sets([["Liver"], ["Kidney"]], organ_ids)
+    with pytest.raises(ValueError, match="holds every organ; that is a strong case"):
+        partial_organ_sets([list(organ_ids)], organ_ids)
+    with pytest.raises(ValueError, match="not organs"):  # checked before any case is drawn
+        generate_dataset(dict(config["demo"], partial_annotations=[["Colon"]]), config["labels"], "/nonexistent")
 
 
 def test_a_failing_case_is_named_and_no_dataset_json_is_written(monkeypatch, tmp_path) -> None:

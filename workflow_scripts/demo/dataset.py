@@ -59,6 +59,7 @@ class DemoParams:
     lesion_radius_mm: tuple[float, float]
     deformation_mm: float
     noise_hu: tuple[float, float]
+    partial_annotations: tuple[tuple[str, ...], ...] | None  # organ-name sets of partial cases; None: random
 
     @classmethod
     def from_config(cls, demo: Mapping) -> "DemoParams":
@@ -69,7 +70,9 @@ class DemoParams:
                 raise ValueError(f"{key} must be [low, high], got {[low, high]}")
         return cls(int(demo["seed"]), tuple(demo["shape"]), float(demo["shape_jitter"]),
                    tuple(demo["extent_mm"]["z"]), tuple(demo["extent_mm"]["xy"]), int(demo["max_lesions"]),
-                   tuple(demo["lesion_radius_mm"]), float(demo["deformation_mm"]), tuple(demo["noise_hu"]))
+                   tuple(demo["lesion_radius_mm"]), float(demo["deformation_mm"]), tuple(demo["noise_hu"]),
+                   None if demo["partial_annotations"] is None
+                   else tuple(tuple(names) for names in demo["partial_annotations"]))
 
 
 def flare_ids(labels: Sequence[Mapping]) -> tuple[dict[str, int], int]:
@@ -118,10 +121,32 @@ def render_image(rng: np.random.Generator, lesion_rng: np.random.Generator, anat
     return np.clip(np.rint(image), -1024, 3071).astype(np.int16)
 
 
+def partial_organ_sets(names: Sequence[Sequence[str]] | None, organ_ids: Mapping[str, int]) -> list[list[int]] | None:
+    """Organ ids of each configured partial annotation (``demo.partial_annotations``), checked: every name an organ
+    of the label map, every set a proper subset (a case annotated with all 13 organs is strong, not partial)."""
+    if names is None:
+        return None
+    sets = []
+    for group in names:
+        unknown = sorted(set(group) - set(organ_ids))
+        if unknown:
+            raise ValueError(f"demo.partial_annotations: {unknown} are not organs of the label map "
+                             f"{sorted(organ_ids)}")
+        if set(group) == set(organ_ids):
+            raise ValueError(f"demo.partial_annotations: {list(group)} holds every organ; that is a strong case")
+        sets.append(sorted(organ_ids[name] for name in group))
+    return sets
+
+
 def annotated_classes(kind: str, rng: np.random.Generator, organ_ids: Mapping[str, int], lesion_id: int,
-                      has_lesion: bool) -> list[int]:
+                      has_lesion: bool, partial_sets: Sequence[Sequence[int]] | None = None) -> list[int]:
     """Classes an annotation of ``kind`` covers (FLARE23: strong = all organs, lesion_only = the lesion, partial =
-    a random non-empty proper subset of organs; the lesion wherever the case has one; unlabeled = nothing)."""
+    one of ``partial_sets`` drawn uniformly, or a random non-empty proper subset of organs when it is None; the
+    lesion wherever the case has one; unlabeled = nothing).
+
+    Which organs partial cases carry decides how often a small organ is called background in the raw labels, and
+    so how well a model trained on them (the paper's baseline) can learn it: FLARE23's partial labels come from
+    single-organ datasets, the uniform subsets annotate every organ in about half the partial cases."""
     organs = sorted(organ_ids.values())
     lesion = [lesion_id] if has_lesion else []
     if kind in ("strong", TEST_KIND):
@@ -129,7 +154,10 @@ def annotated_classes(kind: str, rng: np.random.Generator, organ_ids: Mapping[st
     if kind == "lesion_only":
         return [lesion_id]
     if kind == "partial":
-        subset = rng.choice(organs, size=rng.integers(1, len(organs)), replace=False)
+        if partial_sets is None:
+            subset = rng.choice(organs, size=rng.integers(1, len(organs)), replace=False)
+        else:
+            subset = partial_sets[int(rng.integers(len(partial_sets)))]
         return sorted(int(i) for i in subset) + lesion
     if kind == "unlabeled":
         return []
@@ -174,7 +202,8 @@ def generate_case(case: str, kind: str, params: DemoParams, organ_ids: Mapping[s
         origin=tuple(float(o) for o in reversed(frame.origin)),
         direction=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0),
     )
-    classes = annotated_classes(kind, annotation_rng, organ_ids, lesion_id, bool(anatomy.lesions))
+    classes = annotated_classes(kind, annotation_rng, organ_ids, lesion_id, bool(anatomy.lesions),
+                                partial_organ_sets(params.partial_annotations, organ_ids))
     return SyntheticCase(case, kind, image, anatomy.label, classes, geometry, anatomy)
 
 
@@ -230,6 +259,7 @@ def generate_dataset(demo: Mapping, labels: Sequence[Mapping], results: str, thr
     presence means the dataset is complete); return the dataset.json content."""
     params = DemoParams.from_config(demo)
     organ_ids, lesion_id = flare_ids(labels)
+    partial_organ_sets(params.partial_annotations, organ_ids)  # a misnamed organ fails before any case is drawn
     demo_plan = plan(demo)
     jobs = [*demo_plan.train.items(), *((case, TEST_KIND) for case in demo_plan.test)]
     kwargs = {"params": params, "organ_ids": organ_ids, "lesion_id": lesion_id, "results": results}
