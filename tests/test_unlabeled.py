@@ -17,6 +17,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 import yaml
+from snakemake.utils import validate
 
 from conftest import REPO
 from workflow_scripts.c2f import train as train_mod
@@ -33,7 +34,8 @@ from workflow_scripts.ingest.students import (
 )
 from workflow_scripts.io.manifest import TrainingCase, read_manifest, write_manifest
 from workflow_scripts.labels.merge import category_settings, student_table
-from workflow_scripts.nnunet.student import uses_ignore_label
+from workflow_scripts.nnunet.student import student_model_folder, uses_ignore_label
+from workflow_scripts.nnunet.training import fold_name
 
 MERGED = {"labels": "merged", "model": "c2f"}
 RAW = {"labels": "raw", "model": "c2f"}
@@ -337,12 +339,20 @@ def test_each_student_trains_with_its_own_threads_or_else_student_threads(tmp_pa
     keeps student.threads; the nnU-Net student's training and the later rounds' take the same per-experiment key."""
     dataset(tmp_path)
     configure(tmp_path, threads={"two_stage": 2, "nn": 3})
-    models = ["results/student/two_stage/model/model_final.pt", "results/student/baseline/model/model_final.pt"]
+    config = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    validate(config, str(REPO / "config" / "schema.yaml"), set_default=True)
+    nnunet = config["student"]["nnunet"]
+    nn_checkpoint = (student_model_folder("results/student/nn/nnunet", Path(NNUNET_DATASET).parent.name,
+                                          nnunet["planner"], nnunet["configuration"], nnunet["batch_sizes"][0])
+                     / fold_name(nnunet["fold"]) / "checkpoint_final.pth")
+    models = ["results/student/two_stage/model/model_final.pt", "results/student/baseline/model/model_final.pt",
+              str(nn_checkpoint)]
     threads = planned_threads(snakemake(tmp_path, "--dry-run", "--cores", "4", targets=models).stdout)
     assert threads["student_train experiment=two_stage"] == 2
     assert threads["student_train experiment=baseline"] == 1
-    nnunet = (REPO / "rules" / "student_nnunet.smk").read_text() + (REPO / "rules" / "rounds.smk").read_text()
-    assert nnunet.count("threads: student_train_threads") == 2  # student_nnunet_train and round_student_train
+    assert [count for job, count in threads.items() if job.startswith("student_nnunet_train ")] == [3]
+    rounds = (REPO / "rules" / "rounds.smk").read_text()  # not in this harness (it needs a teacher)
+    assert rounds.count("threads: student_train_threads") == 1  # round_student_train
 
 
 @pytest.mark.parametrize("settings, message", [
