@@ -264,6 +264,13 @@ PSEUDO_UNLABELED = pseudo_labels_unlabeled(
 )
 
 
+# Scheduling priority of the jobs between the teacher and the students' training (pseudo-labels, merge, training
+# manifests, student training): on a few cores a free core first goes to them, not to a test-set prediction or an
+# evaluation that nothing waits for. Measured in the demo on 2 cores: the second pseudo-label shard waited 19 s behind
+# the teacher's test-set prediction, and with it the merge and the two_stage student.
+TRAINING_PATH_PRIORITY = 10
+
+
 # Pseudo-labels (rules/pseudo.smk).
 def pseudo_shards():
     """Shards of the cases to pseudo-label (name -> cases; shared, do not modify). Weak and unlabeled cases are

@@ -36,6 +36,7 @@ rule merge_case:
         log_path("merge_case", "{case}"),
     benchmark:
         bench_path("merge_case", "{case}")
+    priority: TRAINING_PATH_PRIORITY
     conda:
         "../envs/base.yaml"
     threads: 1
@@ -70,6 +71,7 @@ rule merge_summary:
         log_path("merge_summary"),
     benchmark:
         bench_path("merge_summary")
+    priority: TRAINING_PATH_PRIORITY
     conda:
         "../envs/base.yaml"
     threads: 1
@@ -93,6 +95,7 @@ rule merge_students:
         log_path("merge_students"),
     benchmark:
         bench_path("merge_students")
+    priority: TRAINING_PATH_PRIORITY
     conda:
         "../envs/base.yaml"
     threads: 1

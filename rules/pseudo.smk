@@ -24,6 +24,7 @@ rule pseudo_shard:
         bench_path("pseudo_shard", "{shard}")
     wildcard_constraints:
         shard=CASE_ID,
+    priority: TRAINING_PATH_PRIORITY
     conda:
         "../envs/nnunet.yaml"
     threads: PSEUDO["threads"]
@@ -68,6 +69,7 @@ rule pseudo_case:
         bench_path("pseudo_case", "{case}")
     wildcard_constraints:
         case=f"{CASE_ID}(?<!_confidence)",
+    priority: TRAINING_PATH_PRIORITY
     conda:
         "../envs/base.yaml"
     threads: 1

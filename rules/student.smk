@@ -36,6 +36,7 @@ rule student_manifest:
         bench_path("student_manifest", "{experiment}")
     wildcard_constraints:
         experiment=C2F_PATTERN,
+    priority: TRAINING_PATH_PRIORITY
     threads: 1
     resources:
         mem_mb=500,
@@ -59,6 +60,7 @@ rule student_train:
         bench_path("student_train", "{experiment}")
     wildcard_constraints:
         experiment=C2F_PATTERN,
+    priority: TRAINING_PATH_PRIORITY
     conda:
         "../envs/student.yaml"
     threads: student_train_threads

@@ -25,7 +25,8 @@ def test_snakemake_lint_is_clean(tmp_path) -> None:
 
 
 def _rules(tmp_path) -> dict:
-    """Each rule's log/benchmark presence, resource names and runtime at attempts 1 and 2, from the parsed workflow."""
+    """Each rule's log/benchmark presence, resource names, priority and runtime at attempts 1 and 2, from the parsed
+    workflow."""
     code = f"""
 import json, sys
 from pathlib import Path
@@ -40,7 +41,7 @@ with SnakemakeApi() as api:
             continue
         runtime = rule.resources.get("runtime")
         out[rule.name] = dict(log=bool(rule.log), benchmark=rule.benchmark is not None,
-                              resources=sorted(rule.resources),
+                              resources=sorted(rule.resources), priority=rule.priority,
                               runtime=[runtime.evaluate({{}}, attempt=a).value for a in (1, 2)])
     print(json.dumps(out))
 """
@@ -72,3 +73,15 @@ def test_training_rules_get_more_time_on_each_retry(tmp_path) -> None:
     for name in ("teacher_train", "student_train", "student_nnunet_train"):
         first, second = rules[name]["runtime"]
         assert second == 2 * first > 0, (name, first, second)
+
+
+def test_the_path_from_teacher_to_student_training_goes_first(tmp_path) -> None:
+    """On a few cores the jobs the students' training waits for (pseudo-labels, merge, manifests) and the training
+    itself take a free core before test-set predictions and evaluations, which nothing downstream waits for."""
+    rules = _rules(tmp_path)
+    path = ("pseudo_shard", "pseudo_case", "merge_case", "merge_summary", "merge_students", "student_manifest",
+            "student_train")
+    side = [name for name in rules if name.startswith(("teacher_predict", "student_predict", "evaluate", "figure"))]
+    assert side, "no side rules found"
+    assert {rules[name]["priority"] for name in path} == {10}
+    assert {rules[name]["priority"] for name in side} == {0}
