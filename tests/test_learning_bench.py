@@ -182,3 +182,13 @@ def test_the_stages_of_a_finished_run_plan_nothing_even_without_its_benchmark_fi
         assert planned_jobs(workdir, raw_config, *targets) == Counter(), stage.name
     # the quirk the file targets avoid
     assert planned_jobs(workdir, raw_config, "--until", "teacher_train")["teacher_train"] == 1
+
+
+def test_the_wall_time_is_judged_only_for_a_run_of_every_default_stage() -> None:
+    """The budget is the whole run's: a --report-only call (no times) or a run of some stages has nothing to judge."""
+    whole = {stage.name: 10 * 60.0 for stage in learning.STAGES}  # 4 stages x 10 min
+    assert learning.wall_time_goal(whole) == [("wall time of the default stages (min)", 40.0, "<= 45", True)]
+    slow = dict(whole, **{learning.STAGES[1].name: 20 * 60.0})
+    assert [passed for *_, passed in learning.wall_time_goal(slow)] == [False]
+    assert learning.wall_time_goal({}) == []
+    assert learning.wall_time_goal({learning.STAGES[0].name: 60.0}) == []
