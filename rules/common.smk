@@ -269,6 +269,10 @@ PSEUDO_UNLABELED = pseudo_labels_unlabeled(
 # evaluation that nothing waits for. Measured in the demo on 2 cores: the second pseudo-label shard waited 19 s behind
 # the teacher's test-set prediction, and with it the merge and the two_stage student.
 TRAINING_PATH_PRIORITY = 10
+# The teacher's chain (dataset, preprocessing, plans, training) comes before even those: everything the two_stage
+# student needs waits for it, while a baseline student (raw labels) does not; with equal priorities a many-core
+# machine could start a baseline that takes the cores the teacher asks for.
+TEACHER_PATH_PRIORITY = 20
 
 
 # Pseudo-labels (rules/pseudo.smk).

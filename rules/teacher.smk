@@ -32,6 +32,7 @@ rule teacher_dataset:
         log_path("teacher_dataset"),
     benchmark:
         bench_path("teacher_dataset")
+    priority: TEACHER_PATH_PRIORITY
     conda:
         "../envs/nnunet.yaml"
     threads: 1
@@ -61,6 +62,7 @@ rule teacher_preprocess:
         log_path("teacher_preprocess"),
     benchmark:
         bench_path("teacher_preprocess")
+    priority: TEACHER_PATH_PRIORITY
     conda:
         "../envs/nnunet.yaml"
     threads: TEACHER["threads"]
@@ -88,6 +90,7 @@ rule teacher_configure:
         log_path("teacher_configure"),
     benchmark:
         bench_path("teacher_configure")
+    priority: TEACHER_PATH_PRIORITY
     conda:
         "../envs/nnunet.yaml"
     threads: 1
@@ -120,6 +123,7 @@ rule teacher_train:
         log_path("teacher_train"),
     benchmark:
         bench_path("teacher_train")
+    priority: TEACHER_PATH_PRIORITY
     conda:
         "../envs/nnunet.yaml"
     threads: TEACHER["threads"]

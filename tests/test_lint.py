@@ -77,11 +77,14 @@ def test_training_rules_get_more_time_on_each_retry(tmp_path) -> None:
 
 def test_the_path_from_teacher_to_student_training_goes_first(tmp_path) -> None:
     """On a few cores the jobs the students' training waits for (pseudo-labels, merge, manifests) and the training
-    itself take a free core before test-set predictions and evaluations, which nothing downstream waits for."""
+    itself take a free core before test-set predictions and evaluations, which nothing downstream waits for; the
+    teacher's chain, which the two_stage student waits for and a baseline student does not, goes before all of them."""
     rules = _rules(tmp_path)
     path = ("pseudo_shard", "pseudo_case", "merge_case", "merge_summary", "merge_students", "student_manifest",
             "student_train")
     side = [name for name in rules if name.startswith(("teacher_predict", "student_predict", "evaluate", "figure"))]
     assert side, "no side rules found"
     assert {rules[name]["priority"] for name in path} == {10}
+    teacher = ("teacher_dataset", "teacher_preprocess", "teacher_configure", "teacher_train")
+    assert {rules[name]["priority"] for name in teacher} == {20}, "a baseline student must not delay the teacher"
     assert {rules[name]["priority"] for name in side} == {0}
