@@ -245,11 +245,10 @@ def test_bad_configuration_is_reported_clearly() -> None:
         flare_ids([e for e in config["labels"] if e["kind"] != "lesion"])
     with pytest.raises(ValueError, match=r"demo.noise_hu must be \[low, high\]"):
         DemoParams.from_config(dict(config["demo"], noise_hu=[20, 8]))
-    organ_ids, _ = ids(config)
     with pytest.raises(ValueError, match=r"partial_annotations: \['Kidney'\] are not organs"):
-        partial_organ_sets([["Liver"], ["Kidney"]], organ_ids)
+        DemoParams.from_config(dict(config["demo"], partial_annotations=[["Liver"], ["Kidney"]]))
     with pytest.raises(ValueError, match="holds every organ; that is a strong case"):
-        partial_organ_sets([list(organ_ids)], organ_ids)
+        DemoParams.from_config(dict(config["demo"], partial_annotations=[list(ids(config)[0])]))
     with pytest.raises(ValueError, match="not organs"):  # checked before any case is drawn
         generate_dataset(dict(config["demo"], partial_annotations=[["Colon"]]), config["labels"], "/nonexistent")
 

@@ -68,6 +68,13 @@ class DemoParams:
         for key, (low, high) in ranges.items():
             if low > high:
                 raise ValueError(f"{key} must be [low, high], got {[low, high]}")
+        for group in demo["partial_annotations"] or []:
+            unknown = sorted(set(group) - set(FLARE_ORGANS))
+            if unknown:
+                raise ValueError(f"demo.partial_annotations: {unknown} are not organs the demo draws "
+                                 f"{list(FLARE_ORGANS)}")
+            if set(group) == set(FLARE_ORGANS):
+                raise ValueError(f"demo.partial_annotations: {list(group)} holds every organ; that is a strong case")
         return cls(int(demo["seed"]), tuple(demo["shape"]), float(demo["shape_jitter"]),
                    tuple(demo["extent_mm"]["z"]), tuple(demo["extent_mm"]["xy"]), int(demo["max_lesions"]),
                    tuple(demo["lesion_radius_mm"]), float(demo["deformation_mm"]), tuple(demo["noise_hu"]),
@@ -122,20 +129,9 @@ def render_image(rng: np.random.Generator, lesion_rng: np.random.Generator, anat
 
 
 def partial_organ_sets(names: Sequence[Sequence[str]] | None, organ_ids: Mapping[str, int]) -> list[list[int]] | None:
-    """Organ ids of each configured partial annotation (``demo.partial_annotations``), checked: every name an organ
-    of the label map, every set a proper subset (a case annotated with all 13 organs is strong, not partial)."""
-    if names is None:
-        return None
-    sets = []
-    for group in names:
-        unknown = sorted(set(group) - set(organ_ids))
-        if unknown:
-            raise ValueError(f"demo.partial_annotations: {unknown} are not organs of the label map "
-                             f"{sorted(organ_ids)}")
-        if set(group) == set(organ_ids):
-            raise ValueError(f"demo.partial_annotations: {list(group)} holds every organ; that is a strong case")
-        sets.append(sorted(organ_ids[name] for name in group))
-    return sets
+    """Organ ids of each configured partial annotation (``demo.partial_annotations``, names checked by
+    :meth:`DemoParams.from_config`); None stays None (uniform random subsets)."""
+    return None if names is None else [sorted(organ_ids[name] for name in group) for group in names]
 
 
 def annotated_classes(kind: str, rng: np.random.Generator, organ_ids: Mapping[str, int], lesion_id: int,
@@ -259,7 +255,6 @@ def generate_dataset(demo: Mapping, labels: Sequence[Mapping], results: str, thr
     presence means the dataset is complete); return the dataset.json content."""
     params = DemoParams.from_config(demo)
     organ_ids, lesion_id = flare_ids(labels)
-    partial_organ_sets(params.partial_annotations, organ_ids)  # a misnamed organ fails before any case is drawn
     demo_plan = plan(demo)
     jobs = [*demo_plan.train.items(), *((case, TEST_KIND) for case in demo_plan.test)]
     kwargs = {"params": params, "organ_ids": organ_ids, "lesion_id": lesion_id, "results": results}
