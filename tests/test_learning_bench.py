@@ -6,11 +6,14 @@ from __future__ import annotations
 import copy
 import importlib.util
 import shutil
+import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
 import pandas as pd
+import psutil
 import pytest
 import yaml
 from snakemake.utils import validate
@@ -135,18 +138,74 @@ def test_the_extra_stages_come_after_the_default_ones_and_ask_for_the_extra_mode
 
 def test_only_the_lone_student_stages_give_the_c2f_trainer_all_cores() -> None:
     """The baseline trains on one core beside the teacher; a student that trains alone gets all (``--set-threads``)."""
-    commands = {stage.name: learning.snakemake_command(stage, Path("c.yaml"), Path("R"), 2)
+    commands = {stage.name: learning.stage_commands(stage, Path("c.yaml"), Path("R"), 2)[0]
                 for stage in [*learning.STAGES, *learning.BEYOND_PAPER_STAGES]}
     alone = {name for name, command in commands.items() if command[-2:] == ["--set-threads", "student_train=2"]}
-    assert alone == {"two_stage student (all cores)", "unlabeled pseudo-labels and student"}
+    assert alone == {"two_stage student (all cores)", "rest of the baseline student (all cores)",
+                     "unlabeled pseudo-labels and student"}
     # every core the benchmark was given, not a fixed two
     two_stage = next(stage for stage in learning.STAGES if stage.name == "two_stage student (all cores)")
-    assert learning.snakemake_command(two_stage, Path("c.yaml"), Path("R"), 4)[-2:] == ["--set-threads",
-                                                                                        "student_train=4"]
+    assert learning.snakemake_command(two_stage.targets, Path("c.yaml"), Path("R"), 4, two_stage.all_cores)[-2:] == [
+        "--set-threads", "student_train=4"]
     assert not any("--set-threads" in command for name, command in commands.items() if name not in alone)
-    teacher_stage = commands["teacher, pseudo-labels and merge (baseline student beside them)"]
-    assert teacher_stage[3:5] == ["R/merged/summary.tsv", "R/student/baseline/model/model_final.pt"]
-    assert teacher_stage[5:9] == ["--configfile", "c.yaml", "--cores", "2"]
+    # every call reruns what a stopped call left incomplete (the stopped training resumes from its checkpoint)
+    assert all("--rerun-incomplete" in command for command in commands.values())
+
+
+def test_the_baseline_trains_beside_the_teacher_on_one_core_and_alone_after_the_two_stage_student() -> None:
+    teacher = next(stage for stage in learning.STAGES if stage.beside)
+    main, beside = learning.stage_commands(teacher, Path("c.yaml"), Path("R"), 2)
+    assert main[3:8] == ["R/merged/summary.tsv", "--configfile", "c.yaml", "--cores", "1"]
+    assert beside[3:8] == ["R/student/baseline/model/model_final.pt", "--configfile", "c.yaml", "--cores", "1"]
+    assert beside[-1] == "--nolock" and "--set-threads" not in beside
+    assert learning.stage_commands(teacher, Path("c.yaml"), Path("R"), 4)[0][7] == "3"
+    # on one core there is nothing to run beside: one call builds both
+    main, beside = learning.stage_commands(teacher, Path("c.yaml"), Path("R"), 1)
+    assert beside is None and main[3:5] == ["R/merged/summary.tsv", "R/student/baseline/model/model_final.pt"]
+    names = [stage.name for stage in learning.STAGES]
+    rest = names.index("rest of the baseline student (all cores)")
+    assert names.index("two_stage student (all cores)") < rest < names.index("predictions, evaluation, report")
+    assert learning.STAGES[rest].targets == [learning.BASELINE_MODEL]
+
+
+TOY_SNAKEFILE = """
+rule train:
+    output: "model.txt"
+    shell: "python -c 'import pathlib, time; pathlib.Path(\\"checkpoint.txt\\").write_text(\\"1\\"); time.sleep(600)' && touch {output}"
+"""
+
+
+def test_a_stopped_call_ends_with_its_job_and_its_work_is_rerun_by_the_next_call(tmp_path: Path) -> None:
+    """stop() ends snakemake and the job it runs (Ctrl-C to the group); the job's output is left for the next call
+    (``--rerun-incomplete``) to build, and its checkpoint (not an output) stays for it to resume from."""
+    (tmp_path / "Snakefile").write_text(TOY_SNAKEFILE)
+    command = [sys.executable, "-m", "snakemake", "--cores", "1", "--rerun-incomplete"]
+    process = subprocess.Popen(command, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "checkpoint.txt").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert (tmp_path / "checkpoint.txt").exists()
+    jobs = psutil.Process(process.pid).children(recursive=True)
+    assert jobs
+    learning.stop(process)
+    assert process.returncode != 0
+    assert not any(job.is_running() and job.status() != psutil.STATUS_ZOMBIE for job in jobs)
+    assert not (tmp_path / "model.txt").exists() and (tmp_path / "checkpoint.txt").exists()
+    # the next call builds what the stopped one left (here without the sleep)
+    (tmp_path / "Snakefile").write_text(TOY_SNAKEFILE.replace("time.sleep(600)", "time.sleep(0)"))
+    subprocess.run(command + ["--rerun-triggers", "mtime"], cwd=tmp_path, check=True, capture_output=True)
+    assert (tmp_path / "model.txt").exists()
+
+
+def test_stopping_a_call_that_already_ended_checks_that_it_succeeded() -> None:
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait()
+    learning.stop(done)
+    failed = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    failed.wait()
+    with pytest.raises(subprocess.CalledProcessError):
+        learning.stop(failed)
 
 
 def test_the_report_prints_the_extras_and_their_goals_decide_the_outcome(tmp_path: Path, capsys) -> None:
@@ -178,7 +237,7 @@ def test_the_stages_of_a_finished_run_plan_nothing_even_without_its_benchmark_fi
     results = workdir / "results"
     shutil.rmtree(results / "benchmarks")
     for stage in learning.STAGES:
-        targets = (t.format(results="results") for t in stage.targets)
+        targets = (t.format(results="results") for t in [*stage.targets, *stage.beside])
         assert planned_jobs(workdir, raw_config, *targets) == Counter(), stage.name
     # the quirk the file targets avoid
     assert planned_jobs(workdir, raw_config, "--until", "teacher_train")["teacher_train"] == 1
@@ -186,9 +245,9 @@ def test_the_stages_of_a_finished_run_plan_nothing_even_without_its_benchmark_fi
 
 def test_the_wall_time_is_judged_only_for_a_run_of_every_default_stage() -> None:
     """The budget is the whole run's: a --report-only call (no times) or a run of some stages has nothing to judge."""
-    whole = {stage.name: 10 * 60.0 for stage in learning.STAGES}  # 4 stages x 10 min
+    whole = {stage.name: 8 * 60.0 for stage in learning.STAGES}  # 5 stages x 8 min
     assert learning.wall_time_goal(whole) == [("wall time of the default stages (min)", 40.0, "<= 45", True)]
-    slow = dict(whole, **{learning.STAGES[1].name: 20 * 60.0})
+    slow = dict(whole, **{learning.STAGES[1].name: 16 * 60.0})
     assert [passed for *_, passed in learning.wall_time_goal(slow)] == [False]
     assert learning.wall_time_goal({}) == []
     assert learning.wall_time_goal({learning.STAGES[0].name: 60.0}) == []
