@@ -138,11 +138,13 @@ def snakemake_command(targets: Sequence[str], config: Path, results: Path, cores
 
 
 def stop(process: subprocess.Popen) -> None:
-    """End a snakemake call started in its own session, as Ctrl-C would (SIGINT to its process group: snakemake and
-    its jobs), killing the group if it has not ended within STOP_TIMEOUT_S. A call that already ended must have
-    succeeded."""
+    """End a snakemake call started in its own session: SIGTERM to its process group (snakemake and its jobs), so the
+    jobs end at once and snakemake, seeing them fail, cleans up and exits; the group is killed if it has not ended
+    within STOP_TIMEOUT_S. Not SIGINT (Ctrl-C): a benchmark started in the background (``nohup ... &``) runs with
+    SIGINT ignored, inherited by every job, and the stopped training went on for the whole timeout. A call that
+    already ended must have succeeded."""
     if process.poll() is None:
-        os.killpg(process.pid, signal.SIGINT)
+        os.killpg(process.pid, signal.SIGTERM)
         try:
             process.wait(timeout=STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -175,20 +176,27 @@ rule train:
 """
 
 
+def ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def test_a_stopped_call_ends_with_its_job_and_its_work_is_rerun_by_the_next_call(tmp_path: Path) -> None:
-    """stop() ends snakemake and the job it runs (Ctrl-C to the group); the job's output is left for the next call
-    (``--rerun-incomplete``) to build, and its checkpoint (not an output) stays for it to resume from."""
+    """stop() ends snakemake and the job it runs, also when they ignore SIGINT as everything started by
+    ``nohup ... &`` does; the job's output is left for the next call (``--rerun-incomplete``) to build, and its
+    checkpoint (not an output) stays for it to resume from."""
     (tmp_path / "Snakefile").write_text(TOY_SNAKEFILE)
     command = [sys.executable, "-m", "snakemake", "--cores", "1", "--rerun-incomplete"]
     process = subprocess.Popen(command, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+                               stderr=subprocess.DEVNULL, preexec_fn=ignore_sigint)
     deadline = time.monotonic() + 120
     while not (tmp_path / "checkpoint.txt").exists() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert (tmp_path / "checkpoint.txt").exists()
     jobs = psutil.Process(process.pid).children(recursive=True)
     assert jobs
+    started = time.monotonic()
     learning.stop(process)
+    assert time.monotonic() - started < 30  # ended by the signal, not by the kill after STOP_TIMEOUT_S
     assert process.returncode != 0
     assert not any(job.is_running() and job.status() != psutil.STATUS_ZOMBIE for job in jobs)
     assert not (tmp_path / "model.txt").exists() and (tmp_path / "checkpoint.txt").exists()
