@@ -246,3 +246,31 @@ def test_same_scan_stored_in_another_orientation_gets_the_same_prediction_in_phy
     expected = sitk.GetArrayFromImage(scan_pred)
     assert len(np.unique(expected)) > 1  # a non-trivial segmentation, so the comparison means something
     assert np.array_equal(sitk.GetArrayFromImage(on_scan_grid), expected)
+
+
+@pytest.mark.parametrize("size", [(7, 13, 5), (16, 16, 16), (4, 4, 4)])
+def test_the_fine_stage_is_resized_as_logits_and_decided_on_the_scans_grid(size) -> None:
+    """resized_argmax (class by class, running maximum) equals resizing all logits at once and taking the argmax and
+    the max softmax probability there, up, down or mixed."""
+    logits = torch.randn(1, 5, 8, 8, 8, generator=torch.Generator().manual_seed(0)) * 3
+    indices, confidence = predict.resized_argmax(logits, size, with_confidence=True)
+    resized = torch.nn.functional.interpolate(logits, size=size, mode="trilinear", align_corners=False)[0]
+    assert indices.dtype == torch.uint8 and tuple(indices.shape) == size
+    assert torch.equal(indices, resized.argmax(0).to(torch.uint8))
+    expected = torch.round(torch.softmax(resized, 0).amax(0) * 255).to(torch.uint8)
+    assert (confidence.int() - expected.int()).abs().max() <= 1
+    assert torch.equal(predict.resized_argmax(logits, size)[0], indices)
+    assert predict.resized_argmax(logits, size)[1] is None
+
+
+def test_a_boundary_between_fine_voxels_lands_where_the_logits_cross_not_on_a_nearest_voxel() -> None:
+    """Upsampling 4 -> 8 voxels along x: class 1's logit margin crosses zero at fine x = 1.91, i.e. output x = 4.32
+    (x_out = 2 * x_in + 0.5), so output voxel 4 is still class 0; nearest-neighbour resizing of the fine labels
+    (0, 0, 1, 1) would give it class 1."""
+    ramp = torch.tensor([-3.0, -2.0, 0.2, 4.0])
+    logits = torch.zeros(1, 2, 1, 1, 4)
+    logits[0, 1, 0, 0] = ramp
+    indices, _ = predict.resized_argmax(logits, (1, 1, 8))
+    assert indices[0, 0].tolist() == [0, 0, 0, 0, 0, 1, 1, 1]
+    nearest = predict.data.resize_labels(logits.argmax(1)[0].to(torch.uint8), (1, 1, 8))
+    assert nearest[0, 0].tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
