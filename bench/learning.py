@@ -174,7 +174,11 @@ def run_stage(stage: Stage, config: Path, results: Path, cores: int) -> None:
     try:
         subprocess.run(main, cwd=REPO, check=True)
     finally:
+        running = process.poll() is None
         stop(process)
+    if running:
+        print(f"   stopped the call beside it on purpose (the error it logged above is that stop); a later stage goes "
+              f"on from its checkpoint: {' '.join(beside[3:3 + len(stage.beside)])}", flush=True)
 
 
 def run_stages(config: Path, results: Path, cores: int, stages: list[Stage] = STAGES) -> dict[str, float]:

@@ -259,3 +259,33 @@ def test_the_wall_time_is_judged_only_for_a_run_of_every_default_stage() -> None
     assert [passed for *_, passed in learning.wall_time_goal(slow)] == [False]
     assert learning.wall_time_goal({}) == []
     assert learning.wall_time_goal({learning.STAGES[0].name: 60.0}) == []
+
+
+def test_a_stage_stops_the_call_beside_it_when_its_own_call_ends_or_fails(monkeypatch, capsys) -> None:
+    """run_stage: the beside call runs while the main call does, and is stopped (and said to be) when it ends; a
+    failing main call stops it too and fails the stage."""
+    started = []
+
+    def commands(main_code: str):
+        def stage_commands(*_):
+            return [sys.executable, "-c", main_code], [sys.executable, "-c", "import time; time.sleep(600)"]
+        return stage_commands
+
+    real_popen = subprocess.Popen
+
+    def popen(*args, **kwargs):  # subprocess.run's calls come through here too: keep the beside calls only
+        process = real_popen(*args, **kwargs)
+        if kwargs.get("start_new_session"):
+            started.append(process)
+        return process
+
+    monkeypatch.setattr(learning.subprocess, "Popen", popen)
+    stage = learning.STAGES[1]
+    monkeypatch.setattr(learning, "stage_commands", commands("import time; time.sleep(0.5)"))
+    learning.run_stage(stage, Path("c.yaml"), Path("R"), 2)
+    assert started[0].returncode is not None and started[0].returncode != 0
+    assert "stopped the call beside it on purpose" in capsys.readouterr().out
+    monkeypatch.setattr(learning, "stage_commands", commands("raise SystemExit(2)"))
+    with pytest.raises(subprocess.CalledProcessError):
+        learning.run_stage(stage, Path("c.yaml"), Path("R"), 2)
+    assert len(started) == 2 and started[1].returncode is not None and started[1].returncode != 0
