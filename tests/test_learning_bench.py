@@ -172,7 +172,7 @@ def test_the_baseline_trains_beside_the_teacher_on_one_core_and_alone_after_the_
 TOY_SNAKEFILE = """
 rule train:
     output: "model.txt"
-    shell: "python -c 'import pathlib, time; pathlib.Path(\\"checkpoint.txt\\").write_text(\\"1\\"); time.sleep(600)' && touch {output}"
+    shell: "echo 1 > checkpoint.txt && sleep 600 && touch {output}"
 """
 
 
@@ -201,7 +201,7 @@ def test_a_stopped_call_ends_with_its_job_and_its_work_is_rerun_by_the_next_call
     assert not any(job.is_running() and job.status() != psutil.STATUS_ZOMBIE for job in jobs)
     assert not (tmp_path / "model.txt").exists() and (tmp_path / "checkpoint.txt").exists()
     # the next call builds what the stopped one left (here without the sleep)
-    (tmp_path / "Snakefile").write_text(TOY_SNAKEFILE.replace("time.sleep(600)", "time.sleep(0)"))
+    (tmp_path / "Snakefile").write_text(TOY_SNAKEFILE.replace("sleep 600", "sleep 0"))
     subprocess.run(command + ["--rerun-triggers", "mtime"], cwd=tmp_path, check=True, capture_output=True)
     assert (tmp_path / "model.txt").exists()
 
