@@ -178,7 +178,7 @@ def run_stage(stage: Stage, config: Path, results: Path, cores: int) -> None:
         stop(process)
     if running:
         print(f"   stopped the call beside it on purpose (the error it logged above is that stop); a later stage goes "
-              f"on from its checkpoint: {' '.join(beside[3:3 + len(stage.beside)])}", flush=True)
+              f"on from its checkpoint: {' '.join(stage.beside).format(results=results)}", flush=True)
 
 
 def run_stages(config: Path, results: Path, cores: int, stages: list[Stage] = STAGES) -> dict[str, float]:

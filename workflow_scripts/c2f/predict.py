@@ -54,13 +54,22 @@ class Student:
         """Class-index map (uint8) of ``net`` on a (1, 1, Z, Y, X) input from :func:`c2f_data.model_input`, and with
         ``with_confidence`` its confidence map: uint8 ``round(255 * max softmax probability)``, the encoding of the
         teacher's pseudo-labels (:mod:`workflow_scripts.labels.pseudo`), so the merge's filter reads both alike."""
-        with autocast(self.device, self.amp):
-            logits = net(net_input)
+        logits = self.logits(net, net_input)
         indices = logits.argmax(1)[0].to(torch.uint8)
         if not with_confidence:
             return indices, None
-        probability = torch.softmax(logits.float(), 1).amax(1)[0]
-        return indices, torch.round(probability * 255).to(torch.uint8)
+        return indices, confidence_code(torch.softmax(logits.float(), 1).amax(1)[0])
+
+    def logits(self, net: EfficientSegNet, net_input: torch.Tensor) -> torch.Tensor:
+        """``net``'s (1, C, Z, Y, X) logits, under the model's autocast."""
+        with autocast(self.device, self.amp):
+            return net(net_input)
+
+
+def confidence_code(probability: torch.Tensor) -> torch.Tensor:
+    """The uint8 encoding of a max softmax probability, ``round(255 * p)``: :func:`..labels.pseudo.encode_confidence`
+    (the teacher's, on numpy arrays) for a tensor that stays on its device."""
+    return torch.round(probability * 255).to(torch.uint8)
 
 
 def to_device(volume: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -124,8 +133,7 @@ def segment_with_confidence(student: Student, volume: np.ndarray, spacing_zyx: S
     fine_box = box or data.whole_box(shape)
     net_input = data.model_input(device_volume[fine_box], student.spec.window, student.spec.fine_size)
     del device_volume  # the fine network's full-resolution activations need the room
-    with autocast(student.device, student.amp):
-        logits = student.fine(net_input)
+    logits = student.logits(student.fine, net_input)
     crop_indices, crop_confidence = resized_argmax(logits, data.box_shape(fine_box), with_confidence)
     del logits
     indices = data.uncrop(crop_indices, fine_box, shape).cpu().numpy()
@@ -148,22 +156,23 @@ def resized_argmax(logits: torch.Tensor, size: Sequence[int], with_confidence: b
     volumes of ``size`` rather than C; float16 on CUDA, as the other full-size volumes.
     """
     carrier = torch.float16 if logits.is_cuda else torch.float32
-    size = tuple(size)
-    best = indices = log_total = None
-    for cls in range(logits.shape[1]):
-        channel = F.interpolate(logits[:, cls:cls + 1].to(carrier), size=size, mode="trilinear",
-                                align_corners=False)[0, 0]
-        if best is None:
-            best, indices = channel, torch.zeros(size, dtype=torch.uint8, device=logits.device)
-            log_total = channel.clone() if with_confidence else None
-            continue
+
+    def resized(cls: int) -> torch.Tensor:
+        return F.interpolate(logits[:, cls:cls + 1].to(carrier), size=tuple(size), mode="trilinear",
+                             align_corners=False)[0, 0]
+
+    best = resized(0)
+    indices = torch.zeros(best.shape, dtype=torch.uint8, device=logits.device)
+    log_total = best.clone() if with_confidence else None
+    for cls in range(1, logits.shape[1]):
+        channel = resized(cls)
         indices.masked_fill_(channel > best, cls)
         torch.maximum(best, channel, out=best)
         if with_confidence:
             torch.logaddexp(log_total, channel, out=log_total)
     if not with_confidence:
         return indices, None
-    return indices, torch.round(torch.exp((best - log_total).float()) * 255).to(torch.uint8)
+    return indices, confidence_code(torch.exp((best - log_total).float()))
 
 
 def predict_case(student: Student, case: str, image_path: str, output_path: str, margin_mm: float,
