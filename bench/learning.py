@@ -1,9 +1,9 @@
 """Benchmark: does the method learn? The whole workflow on a learnable synthetic dataset, with the paper's ordering.
 
 Runs teacher -> pseudo-labels -> merge -> baseline and two_stage students -> evaluation with ``config/learning.yaml``
-(at least 40 training cases with the demo's annotation mix, 8 test cases) into its own results folder, stage by
-stage so that each stage's wall time is measured, then prints the ablation table, the label quality against the
-truth, the coarse-to-fine stages, and PASS/FAIL for each goal:
+(150 training cases: the demo's annotation kinds and partial organ sets in FLARE23's proportions, 10 % strong;
+8 test cases) into its own results folder, stage by stage so that each stage's wall time is measured, then prints
+the ablation table, the label quality against the truth, the coarse-to-fine stages, and PASS/FAIL for each goal:
 
 - teacher organ-average DSC >= 0.80 on the test set; liver, spleen, both kidneys and stomach >= 0.85 each;
 - two_stage organ average >= teacher - 0.03;
