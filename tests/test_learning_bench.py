@@ -20,6 +20,7 @@ import yaml
 from snakemake.utils import validate
 
 from conftest import copy_run, planned_jobs
+from workflow_scripts.evaluation.evaluate import summary_table
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("learning_bench", REPO / "bench" / "learning.py")
@@ -83,13 +84,28 @@ def test_the_default_goals_still_read_an_ablation_table_with_the_extra_column() 
         "two_stage Lesion", "baseline organ average", "c2f coarse box holds the foreground"]
 
 
+def test_the_spread_is_the_standard_error_of_each_mean_over_the_scored_test_cases(tmp_path: Path) -> None:
+    """From the summaries the workflow writes (population std): std / sqrt(n - 1) is the sample standard error;
+    an experiment without a summary is left out, not an error."""
+    labels = [{"name": "Liver", "kind": "organ"}, {"name": "Lesion", "kind": "lesion"}]
+    metrics = pd.DataFrame({"Name": ["a", "b", "c"], "Liver_DSC": [0.8, 0.9, 1.0], "Lesion_DSC": [0.0, 0.3, 0.6],
+                            "Liver_NSD": 1.0, "Lesion_NSD": 1.0})
+    (tmp_path / "eval" / "two_stage").mkdir(parents=True)
+    summary_table(metrics, labels).to_csv(tmp_path / "eval" / "two_stage" / "summary.tsv", sep="\t", index=False)
+    table = learning.spread(tmp_path, ["two_stage", "baseline"]).set_index("target")
+    assert list(table["experiment"]) == ["two_stage", "two_stage"]
+    assert table.loc["Lesion", "mean"] == pytest.approx(0.3) and table.loc["Lesion", "cases"] == 3
+    assert table.loc["Lesion", "standard_error"] == pytest.approx(pd.Series([0.0, 0.3, 0.6]).sem())
+    assert table.loc["Organ average", "standard_error"] == pytest.approx(pd.Series([0.8, 0.9, 1.0]).sem())
+
+
 def test_the_config_is_the_demo_with_the_benchmark_settings_merged_in_and_is_whole(tmp_path: Path) -> None:
     """A --configfile replaces config/config.yaml (Snakefile), so the benchmark writes the whole config: the demo's,
     with config/learning.yaml's settings merged in key by key, this run's folder and seed."""
     demo = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     plain = yaml.safe_load(learning.write_config(REPO / "config" / "learning.yaml", tmp_path, 7).read_text())
     assert (plain["results"], plain["demo"]["seed"]) == (str(tmp_path), 7)
-    assert plain["demo"]["n_train"] == 150
+    assert (plain["demo"]["n_train"], plain["demo"]["n_test"]) == (150, 8)
     assert plain["demo"]["completeness"] == {"strong": 0.1, "lesion_only": 0.4, "partial": 0.4, "unlabeled": 0.1}
     assert plain["demo"]["partial_annotations"] == demo["demo"]["partial_annotations"]
     assert plain["teacher"]["epochs"] == 400 and plain["teacher"]["optimizer"] == demo["teacher"]["optimizer"]
