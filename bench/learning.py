@@ -286,10 +286,10 @@ def report(results: Path, times: dict[str, float], extras: bool = False) -> bool
     """Print everything the benchmark measured; returns whether every goal passed."""
     ablation = pd.read_csv(results / "eval" / "ablation.tsv", sep="\t")
     stages = pd.read_csv(results / "eval" / "two_stage" / "c2f_stages.tsv", sep="\t")
+    dsc_columns = [c for c in ablation.columns if c.endswith("_DSC")]
     pd.set_option("display.width", 200)
     print("\n== ablation (mean DSC on the test set)")
-    print(ablation[["Target"] + [c for c in ablation.columns if c.endswith("_DSC")]].to_string(
-        index=False, float_format="%.3f"))
+    print(ablation[["Target", *dsc_columns]].to_string(index=False, float_format="%.3f"))
     for name in ("pseudo", "merged"):
         path = results / "eval" / "labels" / f"{name}.tsv"
         if path.exists():
@@ -297,7 +297,7 @@ def report(results: Path, times: dict[str, float], extras: bool = False) -> bool
             print(f"\n== {name} labels vs truth (mean DSC per class and source)")
             print(table.groupby(["name", "source"], sort=False)["dsc"].agg(["count", "mean"]).to_string(
                 float_format="%.3f"))
-    experiments = [c.removesuffix("_DSC") for c in ablation.columns if c.endswith("_DSC")]
+    experiments = [c.removesuffix("_DSC") for c in dsc_columns]
     print("\n== spread over the test cases (DSC mean and its standard error)")
     print(spread(results, experiments).to_string(index=False, float_format="%.3f"))
     print("\n== coarse-to-fine stages of two_stage")
