@@ -2,7 +2,7 @@
 
 Runs teacher -> pseudo-labels -> merge -> baseline and two_stage students -> evaluation with ``config/learning.yaml``
 (150 training cases: the demo's annotation kinds and partial organ sets in FLARE23's proportions, 10 % strong;
-8 test cases) into its own results folder, stage by stage so that each stage's wall time is measured, then prints
+24 test cases) into its own results folder, stage by stage so that each stage's wall time is measured, then prints
 the ablation table, the label quality against the truth, the coarse-to-fine stages, the standard error of each mean
 over the test cases, and PASS/FAIL for each goal:
 
@@ -263,9 +263,9 @@ def spread(results: Path, experiments: Sequence[str]) -> pd.DataFrame:
     """Mean, standard error of the mean and number of test cases of the organ-average and lesion DSC of each
     experiment whose ``eval/<experiment>/summary.tsv`` exists.
 
-    Why: the goals compare means over few test cases (8 in config/learning.yaml) whose per-case lesion DSC spreads
-    from 0 to ~0.9, so a mean within about two standard errors of its threshold is decided by which cases the test
-    set drew as much as by the method. The summaries hold the population std (numpy's); the standard error is
+    Why: the goals compare means over few test cases (24 in config/learning.yaml, 8 before) whose per-case lesion
+    DSC spreads from 0 to ~0.9, so a mean within about two standard errors of its threshold is decided by which cases
+    the test set drew as much as by the method. The summaries hold the population std (numpy's); the standard error is
     std / sqrt(n - 1).
     """
     rows = []

@@ -105,7 +105,7 @@ def test_the_config_is_the_demo_with_the_benchmark_settings_merged_in_and_is_who
     demo = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     plain = yaml.safe_load(learning.write_config(REPO / "config" / "learning.yaml", tmp_path, 7).read_text())
     assert (plain["results"], plain["demo"]["seed"]) == (str(tmp_path), 7)
-    assert (plain["demo"]["n_train"], plain["demo"]["n_test"]) == (150, 8)
+    assert (plain["demo"]["n_train"], plain["demo"]["n_test"]) == (150, 24)
     assert plain["demo"]["completeness"] == {"strong": 0.1, "lesion_only": 0.4, "partial": 0.4, "unlabeled": 0.1}
     assert plain["demo"]["partial_annotations"] == demo["demo"]["partial_annotations"]
     assert plain["teacher"]["epochs"] == 400 and plain["teacher"]["optimizer"] == demo["teacher"]["optimizer"]
